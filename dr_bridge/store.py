@@ -1,0 +1,325 @@
+"""The event log and the bridge's durable state (SQLModel; SQLite by default, PostgreSQL in production).
+
+The database is the source of truth: an event is persisted before it is answered, a session is marked
+limited before its limit is sent, and a restart rebuilds everything from here. The schema is owned by
+Alembic (migrations/); `Store.open` upgrades it to head.
+"""
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import sqlalchemy as sa
+from sqlalchemy.types import TypeDecorator
+from sqlmodel import Field, Session, SQLModel, create_engine, select
+
+
+class UTCDateTime(TypeDecorator):
+    """Aware UTC datetimes on both SQLite (which drops tzinfo) and PostgreSQL."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime reached the store")
+        value = value.astimezone(timezone.utc)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value, dialect):
+        if value is None:
+            return None
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _ts(**kw: Any) -> Any:
+    return Field(sa_type=UTCDateTime, **kw)
+
+
+class VenState(SQLModel, table=True):
+    __tablename__ = "ven_state"
+    id: int = Field(default=1, primary_key=True)
+    ven_id: Optional[str] = None
+    registration_id: Optional[str] = None
+    vtn_url: Optional[str] = None
+    updated_at: datetime = _ts(default_factory=utcnow)
+
+
+class EventRow(SQLModel, table=True):
+    __tablename__ = "events"
+    event_id: str = Field(primary_key=True)
+    ven_id: Optional[str] = None
+    modification_number: int = 0
+    status: str = "pending"  # pending | active | completed | cancelled
+    opt: Optional[str] = None  # optIn | optOut
+    opt_reason: Optional[str] = None
+    start: datetime = _ts()
+    end: Optional[datetime] = _ts(default=None, nullable=True)
+    effective_start: datetime = _ts()
+    offset_s: float = 0.0  # randomisation offset, drawn once per event
+    test_event: bool = False
+    dry_run: bool = False  # planned only: dry-run mode, or a test event in "log" mode
+    event_json: str = "{}"  # the normalised domain Event, to rebuild schedules after a restart
+    received_at: datetime = _ts(default_factory=utcnow)
+    updated_at: datetime = _ts(default_factory=utcnow)
+
+
+class IntervalRow(SQLModel, table=True):
+    __tablename__ = "intervals"
+    id: Optional[int] = Field(default=None, primary_key=True)
+    event_id: str = Field(index=True)
+    start: datetime = _ts()
+    end: Optional[datetime] = _ts(default=None, nullable=True)
+    signal_name: str
+    signal_type: str
+    value: float
+
+
+class ActionRow(SQLModel, table=True):
+    __tablename__ = "actions"
+    id: Optional[int] = Field(default=None, primary_key=True)
+    event_id: Optional[str] = Field(default=None, index=True)
+    at: datetime = _ts(default_factory=utcnow)
+    updated_at: datetime = _ts(default_factory=utcnow)
+    session_id: str = Field(index=True)
+    chargestation_id: str
+    resource_id: str
+    kind: str  # set_power_limit | clear_power_limit
+    purpose: str  # limit | restore
+    unit: Optional[str] = None
+    limit: Optional[float] = None
+    status: str = "planned"  # see CONTRACT.md's action statuses; "planned" only while the call is in flight
+    attempts: int = 0
+    detail: str = ""
+    edrv_action_id: Optional[str] = Field(default=None, index=True)
+
+
+class SessionState(SQLModel, table=True):
+    """What the bridge did to one eDRV session: the durable list behind restores and `release-all`."""
+
+    __tablename__ = "session_state"
+    session_id: str = Field(primary_key=True)
+    chargestation_id: str = Field(index=True)
+    resource_id: str
+    event_id: Optional[str] = None  # the event whose limit it last got
+    limited: bool = False  # a limit may be in force that the bridge has not restored
+    unit: Optional[str] = None
+    limit: Optional[float] = None
+    ended: bool = False
+    updated_at: datetime = _ts(default_factory=utcnow)
+
+
+class OptOutRow(SQLModel, table=True):
+    __tablename__ = "opt_outs"
+    id: Optional[int] = Field(default=None, primary_key=True)
+    at: datetime = _ts(default_factory=utcnow)
+    event_id: Optional[str] = Field(default=None, index=True)
+    modification_number: Optional[int] = None
+    resource_id: Optional[str] = None  # None: the whole event
+    window_start: Optional[datetime] = _ts(default=None, nullable=True)
+    window_end: Optional[datetime] = _ts(default=None, nullable=True)
+    reason: str = ""
+    source: str = "operator"  # operator | automatic
+    applied: bool = False  # the daemon has acted on it (restored the resource)
+    sent: bool = False
+    acknowledged: bool = False
+    attempts: int = 0
+
+
+def normalise_url(url: str, base_dir: Path | None = None) -> str:
+    """Relative SQLite paths are taken relative to the config file, so any working directory finds one DB."""
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and base_dir is not None:
+        path = url[len(prefix):]
+        if path and path != ":memory:" and not Path(path).is_absolute():
+            return prefix + str((base_dir / path).resolve())
+    if url.startswith("postgresql://"):
+        return "postgresql+psycopg://" + url[len("postgresql://"):]
+    return url
+
+
+def upgrade(url: str) -> None:
+    from alembic import command
+    from alembic.config import Config as AlembicConfig
+
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    command.upgrade(cfg, "head")
+
+
+class Store:
+    """Small, explicit queries over the tables above. Every method is one short transaction."""
+
+    def __init__(self, engine: sa.Engine):
+        self.engine = engine
+
+    @classmethod
+    def open(cls, url: str, migrate: bool = True) -> "Store":
+        if migrate:
+            upgrade(url)
+        connect_args = {"check_same_thread": False, "timeout": 30} if url.startswith("sqlite") else {}
+        engine = create_engine(url, connect_args=connect_args, pool_pre_ping=True)
+        if url.startswith("sqlite"):
+            # WAL lets the CLI read the event log while the daemon writes it.
+            @sa.event.listens_for(engine, "connect")
+            def _wal(dbapi_conn, _record):  # noqa: ANN001
+                dbapi_conn.execute("PRAGMA journal_mode=WAL")
+                dbapi_conn.execute("PRAGMA busy_timeout=30000")
+        return cls(engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def session(self) -> Session:
+        return Session(self.engine, expire_on_commit=False)
+
+    # --- VEN registration -------------------------------------------------------------------------
+    def ven_state(self) -> VenState:
+        with self.session() as s:
+            return s.get(VenState, 1) or VenState()
+
+    def save_ven_state(self, ven_id: str | None, registration_id: str | None, vtn_url: str | None) -> None:
+        with self.session() as s:
+            row = s.get(VenState, 1) or VenState()
+            row.ven_id, row.registration_id, row.vtn_url, row.updated_at = ven_id, registration_id, vtn_url, utcnow()
+            s.add(row)
+            s.commit()
+
+    # --- events -------------------------------------------------------------------------------------
+    def get_event(self, event_id: str) -> EventRow | None:
+        with self.session() as s:
+            return s.get(EventRow, event_id)
+
+    def save_event(self, row: EventRow, intervals: Iterable[IntervalRow] | None = None) -> None:
+        """Upsert an event; given intervals replace the stored ones (a modification replaces the schedule)."""
+        with self.session() as s:
+            row.updated_at = utcnow()
+            s.merge(row)
+            if intervals is not None:
+                s.execute(sa.delete(IntervalRow).where(IntervalRow.event_id == row.event_id))
+                for iv in intervals:
+                    s.add(iv)
+            s.commit()
+
+    def set_event_status(self, event_id: str, status: str) -> None:
+        with self.session() as s:
+            row = s.get(EventRow, event_id)
+            if row is not None and row.status != status:
+                row.status, row.updated_at = status, utcnow()
+                s.add(row)
+                s.commit()
+
+    def events(self, statuses: Iterable[str] | None = None, since: datetime | None = None) -> list[EventRow]:
+        with self.session() as s:
+            q = select(EventRow)
+            if statuses is not None:
+                q = q.where(EventRow.status.in_(list(statuses)))
+            if since is not None:
+                q = q.where(sa.or_(EventRow.end.is_(None), EventRow.end >= since))
+            return list(s.exec(q.order_by(EventRow.start, EventRow.event_id)))
+
+    def intervals(self, event_id: str) -> list[IntervalRow]:
+        with self.session() as s:
+            q = select(IntervalRow).where(IntervalRow.event_id == event_id)
+            return list(s.exec(q.order_by(IntervalRow.start, IntervalRow.id)))
+
+    # --- actions ------------------------------------------------------------------------------------
+    def add_action(self, row: ActionRow) -> ActionRow:
+        with self.session() as s:
+            s.add(row)
+            s.commit()
+            s.refresh(row)
+            return row
+
+    def update_action(self, action_id: int, **changes: Any) -> ActionRow | None:
+        with self.session() as s:
+            row = s.get(ActionRow, action_id)
+            if row is None:
+                return None
+            for k, v in changes.items():
+                setattr(row, k, v)
+            row.updated_at = utcnow()
+            s.add(row)
+            s.commit()
+            return row
+
+    def action_by_edrv_id(self, edrv_action_id: str) -> ActionRow | None:
+        with self.session() as s:
+            return s.exec(select(ActionRow).where(ActionRow.edrv_action_id == edrv_action_id)).first()
+
+    def actions(self, event_id: str | None = None, session_id: str | None = None) -> list[ActionRow]:
+        with self.session() as s:
+            q = select(ActionRow)
+            if event_id is not None:
+                q = q.where(ActionRow.event_id == event_id)
+            if session_id is not None:
+                q = q.where(ActionRow.session_id == session_id)
+            return list(s.exec(q.order_by(ActionRow.at, ActionRow.id)))
+
+    def action_counts(self) -> dict[str, int]:
+        with self.session() as s:
+            rows = s.exec(select(ActionRow.status, sa.func.count()).group_by(ActionRow.status))
+            return {status: n for status, n in rows}
+
+    # --- sessions the bridge limited ------------------------------------------------------------------
+    def session_states(self, limited_only: bool = False) -> list[SessionState]:
+        with self.session() as s:
+            q = select(SessionState)
+            if limited_only:
+                q = q.where(SessionState.limited.is_(True), SessionState.ended.is_(False))
+            return list(s.exec(q.order_by(SessionState.session_id)))
+
+    def get_session_state(self, session_id: str) -> SessionState | None:
+        with self.session() as s:
+            return s.get(SessionState, session_id)
+
+    def save_session_state(self, session_id: str, **fields: Any) -> None:
+        with self.session() as s:
+            row = s.get(SessionState, session_id)
+            if row is None:
+                row = SessionState(session_id=session_id, chargestation_id=fields.pop("chargestation_id", ""),
+                                   resource_id=fields.pop("resource_id", ""))
+            for k, v in fields.items():
+                setattr(row, k, v)
+            row.updated_at = utcnow()
+            s.add(row)
+            s.commit()
+
+    # --- opt-outs -----------------------------------------------------------------------------------
+    def add_opt_out(self, row: OptOutRow) -> OptOutRow:
+        with self.session() as s:
+            s.add(row)
+            s.commit()
+            s.refresh(row)
+            return row
+
+    def opt_outs(self, event_id: str | None = None, unapplied: bool = False) -> list[OptOutRow]:
+        with self.session() as s:
+            q = select(OptOutRow)
+            if event_id is not None:
+                q = q.where(OptOutRow.event_id == event_id)
+            if unapplied:
+                q = q.where(OptOutRow.applied.is_(False))
+            return list(s.exec(q.order_by(OptOutRow.at, OptOutRow.id)))
+
+    def update_opt_out(self, opt_id: int, **changes: Any) -> None:
+        with self.session() as s:
+            row = s.get(OptOutRow, opt_id)
+            if row is not None:
+                for k, v in changes.items():
+                    setattr(row, k, v)
+                s.add(row)
+                s.commit()
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, default=str)

@@ -1,0 +1,79 @@
+"""The event log on SQLite and on PostgreSQL: migrations, UTC round-trips, upserts and queries."""
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from dr_bridge.store import ActionRow, EventRow, IntervalRow, OptOutRow, Store, normalise_url
+
+T0 = datetime(2026, 11, 25, 12, 0, tzinfo=timezone.utc)
+
+
+@pytest.fixture
+def store(db_url):
+    s = Store.open(db_url)
+    yield s
+    s.close()
+
+
+def test_migrations_are_idempotent(db_url):
+    Store.open(db_url).close()
+    s = Store.open(db_url)  # a second upgrade on a current schema must be a no-op
+    assert s.events() == []
+    s.close()
+
+
+def test_event_round_trip_keeps_utc_and_replaces_intervals(store):
+    row = EventRow(event_id="E1", modification_number=0, start=T0, end=T0 + timedelta(hours=1),
+                   effective_start=T0 + timedelta(seconds=30), offset_s=30.0)
+    store.save_event(row, [IntervalRow(event_id="E1", start=T0, end=T0 + timedelta(minutes=30),
+                                       signal_name="SIMPLE", signal_type="level", value=1.0),
+                           IntervalRow(event_id="E1", start=T0 + timedelta(minutes=30), end=T0 + timedelta(hours=1),
+                                       signal_name="SIMPLE", signal_type="level", value=2.0)])
+    got = store.get_event("E1")
+    assert got.start == T0 and got.start.tzinfo is not None
+    assert got.effective_start == T0 + timedelta(seconds=30)
+    assert [i.value for i in store.intervals("E1")] == [1.0, 2.0]
+
+    row.modification_number = 1
+    store.save_event(row, [IntervalRow(event_id="E1", start=T0, end=T0 + timedelta(hours=1),
+                                       signal_name="SIMPLE", signal_type="level", value=3.0)])
+    assert store.get_event("E1").modification_number == 1
+    assert [i.value for i in store.intervals("E1")] == [3.0]
+
+
+def test_naive_datetimes_are_refused(store):
+    with pytest.raises(Exception):
+        store.save_event(EventRow(event_id="E2", start=datetime(2026, 1, 1), effective_start=T0))
+
+
+def test_actions_update_in_place_and_count_by_status(store):
+    a = store.add_action(ActionRow(event_id="E1", session_id="S1", chargestation_id="C1", resource_id="R1",
+                                   kind="set_power_limit", purpose="limit", unit="current", limit=16))
+    store.update_action(a.id, status="requested", attempts=1, edrv_action_id="X1")
+    store.update_action(store.action_by_edrv_id("X1").id, status="accepted")
+    rows = store.actions(event_id="E1")
+    assert len(rows) == 1 and rows[0].status == "accepted" and rows[0].attempts == 1
+    assert store.action_counts() == {"accepted": 1}
+
+
+def test_session_state_tracks_what_is_still_limited(store):
+    store.save_session_state("S1", chargestation_id="C1", resource_id="R1", limited=True, unit="current", limit=16)
+    store.save_session_state("S2", chargestation_id="C1", resource_id="R1", limited=True, unit="current", limit=16)
+    store.save_session_state("S2", ended=True)
+    store.save_session_state("S3", chargestation_id="C2", resource_id="R2", limited=False)
+    assert [s.session_id for s in store.session_states(limited_only=True)] == ["S1"]
+
+
+def test_ven_state_and_opt_outs(store):
+    store.save_ven_state("VEN-1", "REG-1", "http://vtn")
+    assert (store.ven_state().ven_id, store.ven_state().registration_id) == ("VEN-1", "REG-1")
+    store.add_opt_out(OptOutRow(event_id="E1", resource_id="R1", reason="overrideStatus"))
+    (opt,) = store.opt_outs(unapplied=True)
+    store.update_opt_out(opt.id, applied=True)
+    assert store.opt_outs(unapplied=True) == []
+    assert store.opt_outs("E1")[0].reason == "overrideStatus"
+
+
+def test_relative_sqlite_paths_follow_the_config_file(tmp_path):
+    assert normalise_url("sqlite:///x.db", tmp_path) == f"sqlite:///{tmp_path / 'x.db'}"
+    assert normalise_url("postgresql://u@h/db") == "postgresql+psycopg://u@h/db"
