@@ -1,23 +1,186 @@
-"""The `dr-bridge` command line. Each command is thin: it loads config and calls one module."""
+"""The `dr-bridge` command line. Each command is thin: it loads config and calls one module.
+
+Exit codes: 0 ok, 2 bad usage or config, 1 anything else; errors are one line on stderr (`--debug` for
+the traceback).
+"""
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
 import sys
+from pathlib import Path
+from typing import List, Optional
 
 import typer
+from rich.console import Console
 
 from dr_bridge.checkconfig import check_config_command
+from dr_bridge.config import Config, ConfigError, load_config
 from dr_bridge.edrv.simulator_cli import simulate_edrv
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="OpenADR 2.0b VEN that applies utility demand-response events to eDRV charging sessions.")
+events_app = typer.Typer(no_args_is_help=True, help="Review the event log.")
+app.add_typer(events_app, name="events")
 app.command("check-config", help="Validate a config file offline and print stations and the level table.")(
     check_config_command)
 app.command("simulate-edrv", help="Run the eDRV simulator: a local stand-in for the eDRV API, for rehearsals.")(
     simulate_edrv)
 
+err = Console(stderr=True)
+ConfigOpt = typer.Option(..., "--config", "-c", help="The dr-bridge TOML config file.")
+DebugOpt = typer.Option(False, "--debug", help="Show tracebacks and debug logs.")
+
+
+def fail(message: str, code: int = 1) -> None:
+    err.print(f"error: {message}", markup=False, highlight=False)
+    raise typer.Exit(code)
+
+
+def setup_logging(debug: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%Y-%m-%dT%H:%M:%S%z")
+    logging.Formatter.converter = __import__("time").gmtime
+    for noisy in ("openleadr", "apscheduler", "httpx", "aiohttp.access"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)
+
+
+def config_or_exit(path: str) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        fail(str(exc), 2)
+
+
+def open_store(cfg: Config):
+    from dr_bridge.store import Store, normalise_url
+
+    try:
+        return Store.open(normalise_url(cfg.bridge.database_url))
+    except Exception as exc:  # one line: which database, what went wrong
+        fail(f"cannot open the database ({exc.__class__.__name__}: {str(exc).splitlines()[0]})")
+
+
+def api_key_or_exit(cfg: Config) -> str:
+    key = cfg.api_key()
+    if not key:
+        fail(f"environment variable {cfg.edrv.api_key_env} is not set (the eDRV API key; "
+             f"edrv.api_key_env in {cfg.path})", 2)
+    return key
+
+
+@app.command("run", help="Run the daemon: OpenADR VEN, scheduler, eDRV client and HTTP server.")
+def run_command(config: str = ConfigOpt,
+                dry_run: bool = typer.Option(False, "--dry-run", help="Plan and log, never call eDRV."),
+                restore_on_exit: bool = typer.Option(False, "--restore-on-exit",
+                                                     help="On SIGTERM/SIGINT restore every limited session first."),
+                debug: bool = DebugOpt) -> None:
+    cfg = config_or_exit(config)
+    key = api_key_or_exit(cfg)
+    setup_logging(debug)
+    from dr_bridge.daemon import run_daemon
+
+    raise typer.Exit(asyncio.run(run_daemon(cfg, key, dry_run=dry_run, restore_on_exit=restore_on_exit)))
+
+
+@app.command("release-all", help="Emergency: restore every session the bridge still limits (no VTN needed).")
+def release_all_command(config: str = ConfigOpt, debug: bool = DebugOpt) -> None:
+    cfg = config_or_exit(config)
+    key = api_key_or_exit(cfg)
+    setup_logging(debug)
+    from dr_bridge.release import release_all
+
+    left = asyncio.run(release_all(cfg, key, Console()))
+    raise typer.Exit(1 if left else 0)
+
+
+@events_app.command("list", help="List events, newest last.")
+def events_list(config: str = ConfigOpt, as_json: bool = typer.Option(False, "--json"),
+                since: Optional[str] = typer.Option(None, "--since", help="ISO time: events ending after it."),
+                status: Optional[str] = typer.Option(None, "--status", help="pending|active|completed|cancelled"),
+                resource: Optional[str] = typer.Option(None, "--resource", help="Only events touching it.")) -> None:
+    from dr_bridge import views
+    from dr_bridge.eventlog import list_events, parse_iso
+
+    cfg = config_or_exit(config)
+    try:
+        since_dt = parse_iso(since)
+    except ValueError:
+        fail(f"--since: not an ISO 8601 time: {since!r}", 2)
+    store = open_store(cfg)
+    rows = list_events(store, since=since_dt, status=status, resource=resource)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    else:
+        views.print_event_list(Console(), rows)
+
+
+@events_app.command("show", help="One event: intervals, every action and its outcome, opt-outs.")
+def events_show(event_id: str, config: str = ConfigOpt, as_json: bool = typer.Option(False, "--json")) -> None:
+    from dr_bridge import views
+    from dr_bridge.eventlog import event_detail
+
+    cfg = config_or_exit(config)
+    detail = event_detail(open_store(cfg), event_id)
+    if detail is None:
+        fail(f"no event {event_id!r} in the event log")
+    if as_json:
+        print(json.dumps(detail, indent=2))
+    else:
+        views.print_event_detail(Console(), detail)
+
+
+@app.command("opt-out", help="Opt a resource (or a whole event) out; the daemon acts on it within 5 s.")
+def opt_out_command(event_id: Optional[str] = typer.Argument(None), config: str = ConfigOpt,
+                    resource: List[str] = typer.Option([], "--resource"),
+                    from_: Optional[str] = typer.Option(None, "--from"), until: Optional[str] = typer.Option(None),
+                    reason: str = typer.Option("overrideStatus", "--reason")) -> None:
+    from dr_bridge.eventlog import parse_iso
+    from dr_bridge.store import OptOutRow
+
+    cfg = config_or_exit(config)
+    if (event_id is None) == (from_ is None or until is None):
+        fail("give exactly one of EVENT_ID or the --from/--until window", 2)
+    store = open_store(cfg)
+    if event_id is not None:
+        ev = store.get_event(event_id)
+        if ev is None:
+            fail(f"no event {event_id!r} in the event log")
+        for r in resource or [None]:
+            store.add_opt_out(OptOutRow(event_id=event_id, modification_number=ev.modification_number,
+                                        resource_id=r, reason=reason, source="operator"))
+        Console().print(f"opt-out recorded for event {event_id}: {', '.join(resource) or 'the whole event'}")
+    else:
+        try:
+            start, end = parse_iso(from_), parse_iso(until)
+        except ValueError:
+            fail("--from/--until: not ISO 8601 times", 2)
+        for r in resource or [s.resource_id for s in cfg.stations()]:
+            store.add_opt_out(OptOutRow(resource_id=r, window_start=start, window_end=end, reason=reason,
+                                        source="operator"))
+        Console().print(f"unavailability recorded from {from_} until {until}")
+
+
+@app.command("demo", help="A full event against a local VTN and the eDRV simulator, in under a minute.")
+def demo_command(keep_running: bool = typer.Option(False, "--keep-running",
+                                                   help="Keep the simulator and bridge up after the event."),
+                 debug: bool = DebugOpt) -> None:
+    from dr_bridge.demo import run_demo
+
+    raise typer.Exit(asyncio.run(run_demo(Console(), keep_running=keep_running, debug=debug)))
+
 
 def main() -> None:
+    debug = "--debug" in sys.argv
     try:
         app()
     except KeyboardInterrupt:
         sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as exc:  # the promise: one clear line, the traceback only with --debug
+        if debug:
+            raise
+        err.print(f"error: {exc.__class__.__name__}: {exc}", markup=False, highlight=False)
+        sys.exit(1)

@@ -1,0 +1,81 @@
+"""`dr-bridge run`: wires the store, the eDRV client, the engine, the VEN and the HTTP server together."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from datetime import datetime
+from typing import Callable
+
+from dr_bridge.config import Config
+from dr_bridge.edrv.client import EdrvClient
+from dr_bridge.engine import Engine
+from dr_bridge.openadr import Ven
+from dr_bridge.store import Store, normalise_url, utcnow
+
+log = logging.getLogger("dr_bridge")
+
+
+class Bridge:
+    """The whole daemon in one object, so tests and the demo run exactly what `dr-bridge run` runs."""
+
+    def __init__(self, cfg: Config, api_key: str, *, dry_run: bool = False,
+                 clock: Callable[[], datetime] = utcnow, vtn_backoff_s: float = 1.0, http: bool = True):
+        self.cfg = cfg
+        self.store = Store.open(normalise_url(cfg.bridge.database_url))
+        self.client = EdrvClient(cfg.edrv.base_url, api_key, timeout_s=cfg.edrv.request_timeout_s,
+                                 max_concurrency=cfg.edrv.max_concurrency)
+        self.engine = Engine(cfg, self.store, self.client, dry_run=dry_run, clock=clock)
+        state = self.store.ven_state()
+        self.ven = Ven(vtn_url=cfg.vtn.url, ven_name=cfg.vtn.ven_name, ven_id=state.ven_id or cfg.vtn.ven_id or None,
+                       registration_id=state.registration_id, cert=cfg.vtn.cert or None, key=cfg.vtn.key or None,
+                       ca_file=cfg.vtn.ca_file or None, vtn_fingerprint=cfg.vtn.vtn_fingerprint or None,
+                       on_event=self.engine.handle_event, on_registered=self.engine.registered,
+                       on_event_list=self.engine.handle_event_list, backoff_initial_s=vtn_backoff_s)
+        self.http = None
+        if http:
+            from dr_bridge.http import HttpServer
+
+            self.http = HttpServer(cfg, self)
+        self._ven_task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        await self.engine.start()
+        if self.http is not None:
+            await self.http.start()
+        self._ven_task = asyncio.create_task(self.ven.run(), name="ven")
+
+    async def stop(self, restore: bool = False) -> list[str]:
+        left = await self.engine.stop(restore=restore)
+        try:
+            await asyncio.wait_for(self.ven.stop(), 3)
+        except Exception as exc:  # stopping must not hang on a VTN that does not answer
+            log.warning("VEN did not stop cleanly: %s", exc)
+        if self._ven_task is not None:
+            self._ven_task.cancel()
+            await asyncio.gather(self._ven_task, return_exceptions=True)
+        if self.http is not None:
+            await self.http.stop()
+        await self.client.aclose()
+        self.store.close()
+        return left
+
+
+async def run_daemon(cfg: Config, api_key: str, *, dry_run: bool, restore_on_exit: bool) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    bridge = Bridge(cfg, api_key, dry_run=dry_run)
+    await bridge.start()
+    log.info("dr-bridge running%s: VTN %s, eDRV %s, %d station(s)", " (dry run)" if bridge.engine.dry_run else "",
+             cfg.vtn.url, cfg.edrv.base_url, len(bridge.engine.stations))
+    await stop.wait()
+    log.info("stopping%s", ": restoring every limited session first" if restore_on_exit else "")
+    left = await bridge.stop(restore=restore_on_exit)
+    if left:
+        log.warning("%d session(s) stay limited while the event goes on (a restart resumes it): %s",
+                    len(left), ", ".join(left))
+    else:
+        log.info("no session is left limited")
+    return 0

@@ -1,0 +1,279 @@
+"""Desired-state dispatch: make each eDRV session's limit match what the engine wants.
+
+The engine says what a session's limit should be (a Limit, or "restored"); one worker per session makes
+eDRV match it with at most one call in flight. A newer desired state supersedes a queued retry, so a
+retry waiting out a Retry-After can never land after a restore. Every call is an action row, updated in
+place as its outcome arrives; transport retries count as attempts on the same row.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Literal
+
+from dr_bridge.domain import Limit, Station
+from dr_bridge.edrv.errors import (EdrvError, EdrvNotFound, EdrvRateLimited, EdrvRejected)
+from dr_bridge.policy import restore_plan
+from dr_bridge.store import ActionRow, Store
+
+log = logging.getLogger("dr_bridge.dispatch")
+
+RESTORED = "restored"
+
+
+@dataclass(frozen=True)
+class Desired:
+    kind: Literal["limit", "restore"]
+    limit: Limit | None = None
+    event_id: str | None = None
+    dry: bool = False  # plan and log only (dry run, or a test event in "log" mode)
+
+    @property
+    def key(self) -> object:
+        """What eDRV holds once this desired state is reached; equal keys mean nothing to send."""
+        return (self.limit.unit, self.limit.value) if self.kind == "limit" else RESTORED
+
+
+@dataclass
+class _Slot:
+    station: Station
+    desired: Desired | None = None
+    applied: object = None  # key of what eDRV holds: (unit, value), RESTORED, or None (never touched)
+    worker: asyncio.Task | None = None
+    changed: asyncio.Event | None = None
+    ended: bool = False
+    rejections: int = 0  # rejected limit calls for the current desired limit
+
+
+NonCompliant = Callable[[str, Station, str | None, str], Awaitable[None]]
+
+
+class Dispatcher:
+    def __init__(self, client, store: Store, *, limit_retries: int = 3, backoff_s: float = 1.0,
+                 backoff_max_s: float = 60.0, on_noncompliant: NonCompliant | None = None,
+                 on_call: Callable[[bool], None] | None = None):
+        self.client = client
+        self.store = store
+        self.limit_retries = limit_retries
+        self.backoff_s = backoff_s
+        self.backoff_max_s = backoff_max_s
+        self.on_noncompliant = on_noncompliant
+        self._slots: dict[str, _Slot] = {}
+
+    # --- the engine's side ---------------------------------------------------------------------------
+    def known(self, session_id: str) -> bool:
+        return session_id in self._slots
+
+    def holds_limit(self, session_id: str) -> bool:
+        slot = self._slots.get(session_id)
+        return slot is not None and slot.applied not in (None, RESTORED)
+
+    def wants_limit(self, session_id: str) -> bool:
+        slot = self._slots.get(session_id)
+        return slot is not None and slot.desired is not None and slot.desired.kind == "limit"
+
+    def desired(self, session_id: str) -> Desired | None:
+        slot = self._slots.get(session_id)
+        return slot.desired if slot is not None else None
+
+    def station_of(self, session_id: str) -> str:
+        return self._slots[session_id].station.id
+
+    def limited_sessions(self) -> list[str]:
+        """Sessions that hold, or are about to get, a limit from the bridge."""
+        return [sid for sid, slot in self._slots.items()
+                if not slot.ended and (slot.applied not in (None, RESTORED) or
+                                       (slot.desired is not None and slot.desired.kind == "limit"))]
+
+    def seed(self, session_id: str, station: Station, desired: Desired) -> None:
+        """After a restart: what the session should hold, with what eDRV holds unknown. Nothing is sent
+        until the engine confirms (or changes) the desired state with want()."""
+        slot = self._slot(session_id, station)
+        slot.desired, slot.applied = desired, None
+
+    def want(self, session_id: str, station: Station, desired: Desired) -> None:
+        slot = self._slot(session_id, station)
+        if slot.ended:
+            return
+        if slot.desired != desired:
+            if slot.desired is None or slot.desired.key != desired.key:
+                slot.rejections = 0
+            slot.desired = desired
+            slot.changed.set()
+        if slot.applied != desired.key and (slot.worker is None or slot.worker.done()):
+            slot.worker = asyncio.create_task(self._work(session_id), name=f"dispatch-{session_id}")
+
+    def session_ended(self, session_id: str) -> None:
+        slot = self._slots.get(session_id)
+        if slot is not None:
+            slot.ended = True
+            slot.changed.set()
+        self.store.save_session_state(session_id, ended=True, limited=False)
+
+    def pending(self) -> int:
+        return sum(1 for s in self._slots.values() if s.worker is not None and not s.worker.done())
+
+    async def drain(self, timeout: float | None = None) -> bool:
+        tasks = [s.worker for s in self._slots.values() if s.worker is not None and not s.worker.done()]
+        if not tasks:
+            return True
+        done, pending = await asyncio.wait(tasks, timeout=timeout)
+        return not pending
+
+    async def stop(self) -> None:
+        tasks = [s.worker for s in self._slots.values() if s.worker is not None and not s.worker.done()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # --- the worker ----------------------------------------------------------------------------------
+    def _slot(self, session_id: str, station: Station) -> _Slot:
+        slot = self._slots.get(session_id)
+        if slot is None:
+            slot = self._slots[session_id] = _Slot(station=station, changed=asyncio.Event())
+        slot.station = station
+        return slot
+
+    async def _work(self, session_id: str) -> None:
+        slot = self._slots[session_id]
+        try:
+            while not slot.ended and slot.desired is not None and slot.applied != slot.desired.key:
+                slot.changed.clear()
+                want = slot.desired
+                if want.dry:
+                    self._record(session_id, slot, want, *self._plan(slot, want), status="dry_run",
+                                 detail="dry run: not sent")
+                    slot.applied = want.key
+                elif want.kind == "limit":
+                    await self._apply_limit(session_id, slot, want)
+                else:
+                    await self._apply_restore(session_id, slot, want)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug here must not kill dispatch for the other sessions
+            log.exception("dispatch for session %s failed", session_id)
+
+    def _plan(self, slot: _Slot, want: Desired) -> tuple[str, str, Limit | None]:
+        if want.kind == "limit":
+            return "set_power_limit", "limit", want.limit
+        how, limit = restore_plan(slot.station)
+        return ("clear_power_limit" if how == "clear" else "set_power_limit"), "restore", limit
+
+    def _record(self, session_id: str, slot: _Slot, want: Desired, kind: str, purpose: str,
+                limit: Limit | None, status: str = "planned", detail: str = "") -> ActionRow:
+        return self.store.add_action(ActionRow(
+            event_id=want.event_id, session_id=session_id, chargestation_id=slot.station.id,
+            resource_id=slot.station.resource_id, kind=kind, purpose=purpose,
+            unit=limit.unit if limit else None, limit=limit.value if limit else None, status=status, detail=detail))
+
+    async def _apply_limit(self, session_id: str, slot: _Slot, want: Desired) -> None:
+        # Persist before acting: a crash after the POST must still find this session to restore.
+        self.store.save_session_state(session_id, chargestation_id=slot.station.id,
+                                      resource_id=slot.station.resource_id, event_id=want.event_id,
+                                      limited=True, unit=want.limit.unit, limit=want.limit.value)
+        row = self._record(session_id, slot, want, "set_power_limit", "limit", want.limit)
+        outcome = await self._call(session_id, slot, want, row,
+                                   lambda: self.client.set_power_limit(session_id, want.limit.unit, want.limit.value,
+                                                                       max_retries=0))
+        if outcome == "ok":
+            slot.applied = want.key
+        elif outcome in ("rejected", "failed"):
+            slot.rejections += 1
+            if slot.rejections > self.limit_retries:
+                slot.applied = want.key  # stop re-sending; the engine decides what non-compliance means
+                if self.on_noncompliant is not None:
+                    await self.on_noncompliant(session_id, slot.station, want.event_id,
+                                               f"limit not applied after {slot.rejections} attempts")
+            else:
+                await self._wait(slot, self._backoff(slot.rejections))
+
+    async def _apply_restore(self, session_id: str, slot: _Slot, want: Desired) -> None:
+        kind, _, limit = self._plan(slot, want)
+        failures = 0
+        while not slot.ended and slot.desired is want:
+            if kind == "clear_power_limit":
+                row = self._record(session_id, slot, want, kind, "restore", None)
+                outcome = await self._call(session_id, slot, want, row,
+                                           lambda: self.client.clear_power_limit(session_id, max_retries=0))
+                if outcome == "rejected":
+                    # eDRV simulator stations, and some physical ones, refuse clears: lift the limit instead.
+                    kind, limit = "set_power_limit", Limit("current", slot.station.max_current)
+                    continue
+            else:
+                row = self._record(session_id, slot, want, kind, "restore", limit)
+                outcome = await self._call(session_id, slot, want, row,
+                                           lambda: self.client.set_power_limit(session_id, limit.unit, limit.value,
+                                                                               max_retries=0))
+            if outcome == "ok":
+                slot.applied = RESTORED
+                self.store.save_session_state(session_id, limited=False)
+                return
+            if outcome in ("superseded", "ended"):
+                return
+            failures += 1  # a failed restore is retried until it succeeds or the session ends
+            log.warning("restore of session %s not done yet (attempt %d); retrying", session_id, failures)
+            if await self._session_gone(session_id):
+                return
+            await self._wait(slot, self._backoff(failures))
+
+    async def _call(self, session_id: str, slot: _Slot, want: Desired, row: ActionRow, send) -> str:
+        """One call with its own transport retries; returns ok | rejected | failed | superseded | ended."""
+        attempts = 0
+        while True:
+            if slot.desired is not want or slot.ended:
+                self.store.update_action(row.id, status="skipped", attempts=attempts,
+                                         detail="superseded" if not slot.ended else "session ended")
+                return "ended" if slot.ended else "superseded"
+            attempts += 1
+            try:
+                action = await send()
+            except EdrvRateLimited as exc:
+                delay = exc.retry_after if exc.retry_after is not None else self._backoff(attempts)
+                self.store.update_action(row.id, attempts=attempts, detail=f"rate limited; retry in {delay:.1f}s")
+                await self._wait(slot, delay)
+                continue
+            except EdrvNotFound:
+                self.store.update_action(row.id, status="skipped", attempts=attempts, detail="session not found")
+                self.session_ended(session_id)
+                return "ended"
+            except EdrvRejected as exc:
+                self.store.update_action(row.id, status="rejected", attempts=attempts, detail=exc.message[:500])
+                if await self._session_gone(session_id):
+                    return "ended"
+                return "rejected"
+            except EdrvError as exc:  # server or transport: retry with backoff, then give up on this row
+                if attempts >= 5:
+                    self.store.update_action(row.id, status="failed", attempts=attempts, detail=str(exc)[:500])
+                    return "failed"
+                self.store.update_action(row.id, attempts=attempts, detail=f"{exc}; retrying"[:500])
+                await self._wait(slot, self._backoff(attempts))
+                continue
+            self.store.update_action(row.id, status="requested", attempts=attempts, edrv_action_id=action.id,
+                                     detail="")
+            return "ok"
+
+    async def _session_gone(self, session_id: str) -> bool:
+        try:
+            session = await self.client.get_session(session_id)
+        except EdrvNotFound:
+            self.session_ended(session_id)
+            return True
+        except EdrvError:
+            return False
+        if not session.running:
+            self.session_ended(session_id)
+            return True
+        return False
+
+    def _backoff(self, n: int) -> float:
+        base = min(self.backoff_max_s, self.backoff_s * 2 ** max(0, n - 1))
+        return base * random.uniform(0.8, 1.2)
+
+    async def _wait(self, slot: _Slot, seconds: float) -> None:
+        """Sleep, but wake as soon as a newer desired state arrives."""
+        try:
+            await asyncio.wait_for(slot.changed.wait(), timeout=max(0.0, seconds))
+        except asyncio.TimeoutError:
+            pass

@@ -1,0 +1,347 @@
+"""The orchestrator: OpenADR events in, desired session limits out, restored after.
+
+It ties the adapters together and owns no policy of its own: targets.py picks stations, schedule.py says
+which intervals are in force, policy.py turns them into per-session limits, and the Dispatcher makes eDRV
+match. Everything it decides is persisted first; `start()` rebuilds the picture from the database, so a
+restart (even after SIGKILL) resumes an event or restores one that ended while the bridge was down.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Callable
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from dr_bridge import schedule
+from dr_bridge.dispatch import Desired, Dispatcher
+from dr_bridge.domain import ACTIVE, CANCELLED, COMPLETED, PENDING, Event, Limit, Station
+from dr_bridge.edrv.errors import EdrvError
+from dr_bridge.eventlog import event_from_json, event_to_json, iso
+from dr_bridge.policy import UnsupportedSignal, is_supported, most_restrictive, share, station_limit
+from dr_bridge.store import EventRow, IntervalRow, OptOutRow, Store, utcnow
+from dr_bridge.targets import select_stations
+
+log = logging.getLogger("dr_bridge.engine")
+
+OPT_IN, OPT_OUT = "optIn", "optOut"
+
+
+@dataclass
+class LiveEvent:
+    event: Event
+    offset_s: float
+    opt: str
+    reason: str
+    status: str
+    dry: bool
+    station_ids: set[str]
+    opted_out: set[str] = field(default_factory=set)  # resource_ids no longer limited in this event
+
+    @property
+    def acting(self) -> bool:
+        return self.opt == OPT_IN or self.dry
+
+
+class Engine:
+    def __init__(self, cfg, store: Store, client, *, dry_run: bool = False,
+                 clock: Callable[[], datetime] = utcnow, rng: random.Random | None = None):
+        self.cfg = cfg
+        self.store = store
+        self.client = client
+        self.dry_run = dry_run or cfg.bridge.dry_run
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.settings = cfg.policy()
+        self.stations: dict[str, Station] = {s.id: s for s in cfg.stations()}
+        self.ven_id: str | None = cfg.vtn.ven_id or None
+        self.events: dict[str, LiveEvent] = {}
+        self.running: dict[str, list[str]] = {}  # station id -> running session ids, as last seen
+        self.dispatcher = Dispatcher(client, store, limit_retries=cfg.edrv.limit_retries,
+                                     on_noncompliant=self._noncompliant)
+        self.scheduler = AsyncIOScheduler(timezone="UTC")
+        self.last_edrv_ok: datetime | None = None
+        self._dirty = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._loop_task: asyncio.Task | None = None
+        self._lock = asyncio.Lock()
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Rebuild from the database: live events, their jobs, and what each session holds."""
+        self.ven_id = self.store.ven_state().ven_id or self.ven_id
+        for row in self.store.events(statuses=[PENDING, ACTIVE]):
+            ev = event_from_json(row.event_json)
+            live = LiveEvent(ev, row.offset_s, row.opt or OPT_OUT, row.opt_reason or "", row.status, row.dry_run,
+                             {s.id for s in select_stations(ev, list(self.stations.values()), self.ven_id)})
+            live.opted_out = {o.resource_id for o in self.store.opt_outs(ev.event_id) if o.resource_id}
+            self.events[ev.event_id] = live
+            log.info("resuming event %s (%s, modification %d)", ev.event_id, row.status, ev.modification_number)
+        for st in self.store.session_states(limited_only=True):
+            station = self.stations.get(st.chargestation_id)
+            if station is None:
+                log.warning("session %s is limited on unconfigured station %s; use release-all",
+                            st.session_id, st.chargestation_id)
+                continue
+            # What eDRV holds is not known after a crash (a call may have been cut short), so the first pass
+            # re-sends the limit if the event still runs, or restores the session if it ended meanwhile.
+            self.dispatcher.seed(st.session_id, station, Desired("limit", Limit(st.unit, st.limit), st.event_id))
+        self.scheduler.start()
+        for live in self.events.values():
+            self._schedule(live)
+        self.scheduler.add_job(self.kick, "interval", seconds=self.cfg.edrv.reconcile_interval_s,
+                               id="reconcile", replace_existing=True)
+        self.scheduler.add_job(self._apply_operator_opt_outs, "interval", seconds=2, id="opt-outs",
+                               replace_existing=True)
+        self._loop_task = asyncio.create_task(self._loop(), name="engine-loop")
+        self.kick()
+
+    async def stop(self, restore: bool = False, timeout: float = 8.0) -> list[str]:
+        """Stop; with restore=True lift every limit first. Returns the sessions left limited."""
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=False)
+        if self._loop_task:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        if restore:
+            await self.release_all(timeout=timeout)
+        await self.dispatcher.stop()
+        return [s.session_id for s in self.store.session_states(limited_only=True)]
+
+    async def release_all(self, timeout: float | None = None) -> None:
+        for st in self.store.session_states(limited_only=True):
+            station = self.stations.get(st.chargestation_id) or Station(
+                id=st.chargestation_id, resource_id=st.resource_id, max_current=st.limit or 32)
+            station = await self._resolve(station)
+            if not self.dispatcher.known(st.session_id):
+                self.dispatcher.seed(st.session_id, station,
+                                     Desired("limit", Limit(st.unit, st.limit), st.event_id))
+            self.dispatcher.want(st.session_id, station, Desired("restore", event_id=st.event_id))
+        await self.dispatcher.drain(timeout)
+
+    def kick(self) -> None:
+        """Ask for a recompute; bursts coalesce into one pass."""
+        self._idle.clear()
+        self._dirty.set()
+
+    async def settle(self, timeout: float = 10.0) -> None:
+        """Wait until the latest recompute ran and dispatch is idle (tests and the demo)."""
+        await asyncio.wait_for(self._idle.wait(), timeout)
+        await self.dispatcher.drain(timeout)
+
+    async def _loop(self) -> None:
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            try:
+                await self.recompute()
+            except Exception:
+                log.exception("recompute failed; will retry on the next tick")
+            if not self._dirty.is_set():
+                self._idle.set()
+
+    # --- OpenADR side --------------------------------------------------------------------------------
+    def registered(self, ven_id: str, registration_id: str | None) -> None:
+        self.ven_id = ven_id
+        self.store.save_ven_state(ven_id, registration_id, self.cfg.vtn.url)
+        log.info("registered with the VTN as %s", ven_id)
+
+    async def handle_event(self, ev: Event) -> tuple[str, str]:
+        async with self._lock:
+            return self._handle_event(ev)
+
+    def _handle_event(self, ev: Event) -> tuple[str, str]:
+        prev = self.events.get(ev.event_id)
+        row = self.store.get_event(ev.event_id)
+        if row is not None and row.modification_number == ev.modification_number and not ev.cancelled:
+            return row.opt or OPT_OUT, row.opt_reason or "already answered"  # a re-sent event: same answer
+        offset = row.offset_s if row is not None else schedule.draw_offset(ev.start_after, self.rng)
+        stations = select_stations(ev, list(self.stations.values()), self.ven_id)
+        dry = self.dry_run or (ev.test_event and self.cfg.bridge.test_events == "log")
+        if ev.cancelled:
+            opt, reason = (row.opt if row and row.opt else OPT_IN), "cancelled by the VTN"
+        elif not stations:
+            opt, reason = OPT_OUT, "no configured station is targeted"
+        elif not any(is_supported(i.signal_name, i.signal_type) for i in ev.intervals):
+            names = sorted({f"{i.signal_name}/{i.signal_type}" for i in ev.intervals}) or ["none"]
+            opt, reason = OPT_OUT, f"no supported signal ({', '.join(names)})"
+        elif self.dry_run:
+            opt = OPT_IN if self.cfg.bridge.dry_run_opt == "in" else OPT_OUT
+            reason = "dry run: planned, not sent"
+        elif ev.test_event and self.cfg.bridge.test_events == "log":
+            opt, reason = OPT_IN, "test event: planned, not sent"
+        else:
+            opt, reason = OPT_IN, f"{len(stations)} station(s) targeted"
+        status = schedule.status_at(ev, self.clock(), offset, self.cfg.bridge.max_event_hours)
+        live = LiveEvent(ev, offset, opt, reason, status, dry, {s.id for s in stations},
+                         prev.opted_out if prev else set())
+        self.events[ev.event_id] = live
+        self._persist(live)
+        verb = "received" if row is None else ("cancelled" if ev.cancelled else "modified")
+        log.info("event %s %s (modification %d): %s, %s; %s", ev.event_id, verb, ev.modification_number,
+                 opt, reason, self._describe(live))
+        self._schedule(live)
+        self.kick()
+        return opt, reason
+
+    async def handle_event_list(self, event_ids: set[str]) -> None:
+        """An event that disappears from the VTN's list counts as cancelled (OpenADR implied cancel)."""
+        async with self._lock:
+            for live in list(self.events.values()):
+                if live.status in (PENDING, ACTIVE) and live.event.event_id not in event_ids:
+                    log.warning("event %s is no longer listed by the VTN: treating it as cancelled",
+                                live.event.event_id)
+                    live.event.event_status = "cancelled"
+                    live.status = CANCELLED
+                    self._persist(live)
+                    self._schedule(live)
+            self.kick()
+
+    def _describe(self, live: LiveEvent) -> str:
+        ev = live.event
+        end = iso(ev.end) if ev.end else "open-ended"
+        return (f"start {iso(ev.start)} (+{live.offset_s:.0f}s), end {end}, "
+                f"{len(ev.intervals)} interval(s), stations {sorted(live.station_ids) or '-'}")
+
+    def _persist(self, live: LiveEvent) -> None:
+        ev = live.event
+        row = self.store.get_event(ev.event_id) or EventRow(event_id=ev.event_id, start=ev.start,
+                                                            effective_start=ev.start)
+        row.ven_id, row.modification_number, row.status = self.ven_id, ev.modification_number, live.status
+        row.opt, row.opt_reason, row.start, row.end = live.opt, live.reason, ev.start, ev.end
+        row.effective_start = schedule.effective_start(ev, live.offset_s)
+        row.offset_s, row.test_event, row.dry_run, row.event_json = live.offset_s, ev.test_event, live.dry, \
+            event_to_json(ev)
+        intervals = [IntervalRow(event_id=ev.event_id, start=i.start, end=i.end, signal_name=i.signal_name,
+                                 signal_type=i.signal_type, value=i.value) for i in ev.intervals]
+        self.store.save_event(row, intervals)
+
+    def _schedule(self, live: LiveEvent) -> None:
+        """One APScheduler job per boundary; a modification replaces the event's jobs."""
+        if not self.scheduler.running:
+            return
+        prefix = f"{live.event.event_id}@"
+        for job in self.scheduler.get_jobs():
+            if job.id.startswith(prefix):
+                job.remove()
+        if not live.acting:
+            return
+        now = self.clock()
+        for i, t in enumerate(schedule.boundaries(live.event, live.offset_s, self.cfg.bridge.max_event_hours)):
+            if t > now:
+                self.scheduler.add_job(self.kick, "date", run_date=t, id=f"{prefix}{i}",
+                                       misfire_grace_time=None)
+
+    # --- the decision pass ---------------------------------------------------------------------------
+    async def recompute(self) -> None:
+        now = self.clock()
+        budgets: dict[str, list[tuple[Limit | None, str, bool]]] = {}
+        for live in self.events.values():
+            self._update_status(live, now)
+            if not live.acting or live.status != ACTIVE:
+                continue
+            intervals = schedule.active_intervals(live.event, now, live.offset_s, self.cfg.bridge.max_event_hours)
+            for sid in live.station_ids:
+                station = self.stations[sid]
+                if station.resource_id in live.opted_out:
+                    continue
+                for iv in intervals:
+                    try:
+                        limit = station_limit(iv, station, self.settings)
+                    except UnsupportedSignal:
+                        continue
+                    budgets.setdefault(sid, []).append((limit, live.event.event_id, live.dry))
+                budgets.setdefault(sid, [])
+
+        held = {self.dispatcher.station_of(s) for s in self.dispatcher.limited_sessions()}
+        scope = sorted(set(budgets) | {s for s in held if s in self.stations})
+        if not scope:
+            return
+        await self._refresh_sessions(scope)
+        for sid in scope:
+            station = await self._resolve(self.stations[sid])
+            self.stations[sid] = station
+            entries = budgets.get(sid, [])
+            budget = most_restrictive([e[0] for e in entries], station)
+            owner = next((e for e in entries if e[0] == budget), None) if budget is not None else None
+            sessions = self.running.get(sid, [])
+            for session_id, limit in share(station, budget, sessions, self.settings).items():
+                if limit is not None:
+                    self.dispatcher.want(session_id, station, Desired("limit", limit, owner[1], owner[2]))
+                elif self.dispatcher.holds_limit(session_id) or self.dispatcher.wants_limit(session_id):
+                    prev = self.dispatcher.desired(session_id)
+                    self.dispatcher.want(session_id, station, Desired("restore", event_id=prev.event_id,
+                                                                       dry=prev.dry))
+
+    def _update_status(self, live: LiveEvent, now: datetime) -> None:
+        status = schedule.status_at(live.event, now, live.offset_s, self.cfg.bridge.max_event_hours)
+        if status == live.status:
+            return
+        backstop = schedule.effective_start(live.event, live.offset_s) + timedelta(
+            hours=self.cfg.bridge.max_event_hours)
+        if status == COMPLETED and now >= backstop:
+            log.warning("event %s reached max_event_hours (%s h): restoring", live.event.event_id,
+                        self.cfg.bridge.max_event_hours)
+        log.info("event %s is now %s", live.event.event_id, status)
+        live.status = status
+        self.store.set_event_status(live.event.event_id, status)
+
+    async def _refresh_sessions(self, station_ids: list[str]) -> None:
+        """Ask eDRV which sessions run now; sessions we limited that no longer run are done with."""
+        try:
+            sessions = await self.client.list_running_sessions(station_ids)
+        except EdrvError as exc:
+            log.warning("could not list running sessions (%s); using the last known list", exc)
+            return
+        self.last_edrv_ok = utcnow()
+        running: dict[str, list[str]] = {sid: [] for sid in station_ids}
+        for s in sessions:
+            if s.chargestation_id in running:
+                running[s.chargestation_id].append(s.id)
+        for sid in station_ids:
+            running[sid].sort()
+            self.running[sid] = running[sid]
+        live_ids = {x for ids in running.values() for x in ids}
+        for session_id in self.dispatcher.limited_sessions():
+            if self.dispatcher.station_of(session_id) in running and session_id not in live_ids:
+                log.info("session %s has ended; nothing to restore", session_id)
+                self.dispatcher.session_ended(session_id)
+
+    async def _resolve(self, station: Station) -> Station:
+        """Fill in the simulator flag from eDRV when the config leaves it to eDRV."""
+        if station.simulator is not None:
+            return station
+        try:
+            cs = await self.client.get_chargestation(station.id)
+        except EdrvError as exc:
+            log.warning("could not read chargestation %s (%s); treating its kind as unknown", station.id, exc)
+            return station
+        return replace(station, simulator=cs.is_simulator) if cs.is_simulator is not None else station
+
+    # --- opt-outs ----------------------------------------------------------------------------------------
+    async def _noncompliant(self, session_id: str, station: Station, event_id: str | None, reason: str) -> None:
+        live = self.events.get(event_id) if event_id else None
+        if live is None or station.resource_id in live.opted_out:
+            return
+        log.warning("resource %s is non-compliant in event %s (%s): restoring it and reporting an opt-out",
+                    station.resource_id, event_id, reason)
+        live.opted_out.add(station.resource_id)
+        self.store.add_opt_out(OptOutRow(event_id=event_id, modification_number=live.event.modification_number,
+                                         resource_id=station.resource_id, reason=reason, source="automatic",
+                                         applied=True))
+        self.kick()
+
+    async def _apply_operator_opt_outs(self) -> None:
+        for row in self.store.opt_outs(unapplied=True):
+            live = self.events.get(row.event_id) if row.event_id else None
+            if live is not None:
+                if row.resource_id:
+                    live.opted_out.add(row.resource_id)
+                else:
+                    live.opted_out |= {self.stations[s].resource_id for s in live.station_ids}
+                log.info("operator opt-out applied: event %s resource %s", row.event_id, row.resource_id or "(all)")
+            self.store.update_opt_out(row.id, applied=True)
+            self.kick()

@@ -1,0 +1,119 @@
+"""A local rehearsal rig: the openleadr VTN, the eDRV simulator and a bridge config pointing at both.
+
+The demo runs on it, and so do the end-to-end tests, so what the tests prove is what an operator sees.
+"""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dr_bridge.config import Config, config_from_dict
+from dr_bridge.edrv.simulator import EdrvSimulator
+from dr_bridge.localvtn import LocalVtn
+
+API_KEY = "rig-api-key"
+
+
+@dataclass
+class StationSpec:
+    resource_id: str
+    max_current: float = 32
+    phases: int = 3
+    simulator: bool = False
+    sessions: int = 1
+    refuse: str | None = None
+    naming: str = "accepted"
+    group: str | None = None
+
+
+@dataclass
+class Rig:
+    workdir: Path
+    stations: list[StationSpec]
+    bridge_options: dict[str, Any] = field(default_factory=dict)
+    edrv_options: dict[str, Any] = field(default_factory=dict)
+    ev_delay_s: float = 0.5
+    vtn: LocalVtn | None = None
+    sim: EdrvSimulator | None = None
+    station_ids: dict[str, str] = field(default_factory=dict)  # resource_id -> eDRV station id
+    sessions: dict[str, list[str]] = field(default_factory=dict)  # resource_id -> running session ids
+
+    async def start(self, webhooks: bool = False, http_port: int = 0) -> None:
+        self.vtn = LocalVtn(poll_s=1)
+        await self.vtn.start()
+        self.http_port = http_port or _free_port()
+        webhook_url = f"http://127.0.0.1:{self.http_port}/edrv/webhooks" if webhooks else None
+        self.sim = EdrvSimulator(API_KEY, webhook_url=webhook_url, ev_delay_s=self.ev_delay_s,
+                                 report_interval_s=1.0, seed=7)
+        await self.sim.start()
+        for spec in self.stations:
+            sid = self.sim.add_station(simulator=spec.simulator, max_current=spec.max_current, phases=spec.phases,
+                                       refuse=spec.refuse, naming=spec.naming, connectors=max(2, spec.sessions + 2))
+            self.station_ids[spec.resource_id] = sid
+            self.sessions[spec.resource_id] = [self.sim.start_session(sid) for _ in range(spec.sessions)]
+
+    async def stop(self) -> None:
+        if self.sim is not None:
+            await self.sim.stop()
+        if self.vtn is not None:
+            await self.vtn.stop()
+
+    def config_dict(self) -> dict[str, Any]:
+        return {
+            "bridge": {"database_url": f"sqlite:///{self.workdir / 'dr-bridge.db'}", **self.bridge_options},
+            "vtn": {"url": self.vtn.url, "ven_name": "dr-bridge-rig"},
+            "edrv": {"base_url": self.sim.base_url, "api_key_env": "DR_BRIDGE_RIG_KEY", **self.edrv_options},
+            "http": {"host": "127.0.0.1", "port": self.http_port},
+            "levels": {"1": {"fraction": 0.75}, "2": {"fraction": 0.5}, "3": {"current": 6}},
+            "chargestations": [
+                {"id": self.station_ids[s.resource_id], "resource_id": s.resource_id, "max_current": s.max_current,
+                 "phases": s.phases, **({"group": s.group} if s.group else {})}
+                for s in self.stations],
+        }
+
+    def config(self) -> Config:
+        return config_from_dict(self.config_dict(), source="rig")
+
+    def write_config(self, path: Path) -> Path:
+        import json
+
+        def toml_value(v: Any) -> str:
+            if isinstance(v, dict):
+                return "{ " + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + " }"
+            return json.dumps(v)
+
+        d = self.config_dict()
+        lines = []
+        for section in ("bridge", "vtn", "edrv", "http"):
+            lines.append(f"[{section}]")
+            lines += [f"{k} = {toml_value(v)}" for k, v in d[section].items()]
+        lines.append("[levels]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in d["levels"].items()]
+        for st in d["chargestations"]:
+            lines.append("[[chargestations]]")
+            lines += [f"{k} = {toml_value(v)}" for k, v in st.items()]
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def wait_for(predicate, timeout: float = 15.0, interval: float = 0.05):
+    """Poll until predicate() is truthy; the value, or TimeoutError naming what was awaited."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if loop.time() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {getattr(predicate, '__name__', predicate)}")
+        await asyncio.sleep(interval)
