@@ -1,0 +1,254 @@
+"""A local OpenADR 2.0b VTN on openleadr's own OpenADRServer, for the tests and `dr-bridge demo`.
+
+It is the stock openleadr VTN plus what the stock one lacks: an EiOpt service that accepts opts, a record of
+every oadrCreatedEvent answer, event modification and silent removal, and empty event distributions.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import dataclasses
+import io
+import logging
+import socket
+import time
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+from typing import Any, TypeVar
+
+from openleadr import OpenADRServer, objects, utils
+from openleadr.service import OptService, handler
+
+log = logging.getLogger(__name__)
+
+IntervalSpec = tuple[datetime, timedelta, float]  # (start, duration, value); duration 0 = open-ended
+T = TypeVar("T")
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _signal(name: str, kind: str, specs: list[IntervalSpec]) -> objects.EventSignal:
+    # SIMPLE signals carry current_value 0 until active (rule 14); openleadr warns and forces it otherwise.
+    return objects.EventSignal(intervals=_intervals(specs), signal_name=name, signal_type=kind,
+                               signal_id=utils.generate_id(), current_value=0.0 if name == "SIMPLE" else None)
+
+
+def _intervals(specs: list[IntervalSpec]) -> list[dict]:
+    if not specs:
+        raise ValueError("an event needs at least one interval")
+    return [{"dtstart": start.astimezone(timezone.utc), "duration": duration, "signal_payload": float(value),
+             "uid": i} for i, (start, duration, value) in enumerate(specs)]
+
+
+def _span(intervals: list[dict]) -> tuple[datetime, timedelta]:
+    start = min(iv["dtstart"] for iv in intervals)
+    if any(iv["duration"] == timedelta(0) for iv in intervals):
+        return start, timedelta(0)  # open-ended
+    return start, max(iv["dtstart"] + iv["duration"] for iv in intervals) - start
+
+
+def _resource_ids(payload: dict) -> list[str]:
+    by_type = payload.get("targets_by_type") or {}
+    if by_type.get("resource_id"):
+        return list(by_type["resource_id"])
+    return [t["resource_id"] for t in payload.get("targets") or [] if t.get("resource_id")]
+
+
+def _vavailability(payload: dict) -> list[dict] | None:
+    vavailability = payload.get("vavailability")
+    if not vavailability:
+        return None
+    available = (vavailability.get("components") or {}).get("available") or []
+    if isinstance(available, dict):  # openleadr gives a dict, not a list, for a single window
+        available = [available]
+    return [{"dtstart": a.get("dtstart"), "duration": a.get("duration")} for a in available]
+
+
+class _AcceptingOptService(OptService):
+    """openleadr's VTN has no working EiOpt (issue #128: handlers are TODO, the route is missing)."""
+
+    def __init__(self, vtn_id: str, record: Callable[[dict], None]):
+        super().__init__(vtn_id)
+        self._record = record
+
+    @handler("oadrCreateOpt")
+    async def create_opt(self, payload: dict) -> tuple[str, dict]:
+        self._record(payload)
+        return "oadrCreatedOpt", {"opt_id": payload["opt_id"]}
+
+    @handler("oadrCancelOpt")
+    async def cancel_opt(self, payload: dict) -> tuple[str, dict]:
+        return "oadrCanceledOpt", {"opt_id": payload["opt_id"]}
+
+
+class LocalVtn:
+    """One in-process VTN. Create, `await start()`, add events for a registered VEN, `await stop()`."""
+
+    def __init__(self, vtn_id: str = "DR-BRIDGE-LOCAL-VTN", host: str = "127.0.0.1", port: int = 0,
+                 poll_s: float = 1) -> None:
+        if vtn_id.islower():
+            # openleadr 0.5.36 VENs answer a lowercase vtnID with eiResponse 452.
+            raise ValueError("vtn_id must not be all lowercase")
+        self.vtn_id = vtn_id
+        self.host = host
+        # Chosen now, so the url is known before start() (a VEN may be pointed at a VTN that is still down).
+        self.port = port or _free_port(host)
+        self.registrations: list[dict] = []  # every accepted oadrCreatePartyRegistration
+        self.opts: list[dict] = []  # every oadrCreateOpt
+        self.responses: list[dict] = []  # every oadrCreatedEvent answer: ven_id, event_id, opt_type
+        self._vens: dict[str, dict] = {}
+        self._event_ven: dict[str, str] = {}  # event_id -> ven_id
+        self._started = False
+
+        self.server = OpenADRServer(vtn_id=vtn_id, http_host=host, http_port=self.port,
+                                    requested_poll_freq=timedelta(seconds=poll_s),
+                                    ven_lookup=self._ven_lookup, verify_message_signatures=False)
+        self.server.add_handler("on_create_party_registration", self._on_create_party_registration)
+
+        # aiohttp freezes the router on start, so EiOpt must be routed now.
+        opt_service = _AcceptingOptService(vtn_id, self._record_opt)
+        self.server.services["opt_service"] = opt_service
+        self.server.app.router.add_post(f"{self.server.http_path_prefix}/EiOpt", opt_service.handler)
+
+        for service in self.server.services.values():
+            # openleadr stores ven_lookup on the VTNService class, shared by every server in the process;
+            # an instance attribute keeps this VTN's VENs its own.
+            service.ven_lookup = self._ven_lookup
+
+        event_service = self.server.services["event_service"]
+        stock_request_event = event_service.request_event
+
+        async def request_event(payload: dict) -> tuple[str, dict]:
+            response_type, response_payload = await stock_request_event(payload)
+            if response_type == "oadrResponse":
+                # The stock VTN answers "no events" with a bare oadrResponse; a VEN can only see that its
+                # last event is gone (implied cancel) from an empty oadrDistributeEvent, which is valid.
+                return "oadrDistributeEvent", {"events": []}
+            return response_type, response_payload
+
+        # The poll service calls event_service.request_event; a VEN's oadrRequestEvent goes via handlers.
+        event_service.request_event = request_event
+        event_service.handlers["oadrRequestEvent"] = request_event
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}{self.server.http_path_prefix}"
+
+    async def start(self) -> None:
+        with contextlib.redirect_stdout(io.StringIO()):  # openleadr prints a banner on start
+            await self.server.run()
+        self._started = True
+
+    async def stop(self) -> None:
+        if self._started:
+            self._started = False
+            await self.server.stop()
+
+    # ---- registration -----------------------------------------------------------------------------------
+
+    def _on_create_party_registration(self, info: dict) -> tuple[str, str]:
+        ven_id = info.get("ven_id") or f"VEN-{utils.generate_id()[:8]}"
+        registration_id = f"REG-{utils.generate_id()[:8]}"
+        record = {"ven_id": ven_id, "ven_name": info.get("ven_name"), "registration_id": registration_id,
+                  "fingerprint": info.get("fingerprint")}
+        self._vens[ven_id] = record
+        self.registrations.append(dict(record))
+        return ven_id, registration_id
+
+    def _ven_lookup(self, ven_id: str) -> dict | None:
+        return self._vens.get(ven_id)
+
+    # ---- events -----------------------------------------------------------------------------------------
+
+    def add_event(self, ven_id: str, *, intervals: list[IntervalSpec], signal_name: str = "SIMPLE",
+                  signal_type: str = "level", targets: list[dict] | None = None,
+                  start_after: timedelta | None = None, recovery: timedelta | None = None,
+                  ramp_up: timedelta | None = None, test_event: bool = False, event_id: str | None = None,
+                  extra_signals: list[dict] | None = None,
+                  market_context: str = "http://dr-bridge.local/programs/demo") -> str:
+        """Queue an event for ven_id. extra_signals: [{"signal_name", "signal_type", "intervals": [...]}]."""
+        event_id = event_id or f"EVT-{utils.generate_id()[:8]}"
+        signals = [_signal(signal_name, signal_type, intervals)]
+        signals += [_signal(x["signal_name"], x["signal_type"], x["intervals"]) for x in extra_signals or []]
+        start, duration = _span([iv for s in signals for iv in s.intervals])
+        active_period = objects.ActivePeriod(dtstart=start, duration=duration,
+                                             tolerance={"startafter": start_after} if start_after else None,
+                                             ramp_up_period=ramp_up, recovery_period=recovery)
+        descriptor = objects.EventDescriptor(event_id=event_id, modification_number=0,
+                                             market_context=market_context, event_status="far",
+                                             test_event=test_event)
+        event = objects.Event(event_descriptor=descriptor, event_signals=signals,
+                              targets=list(targets) if targets else [{"ven_id": ven_id}],
+                              active_period=active_period)
+        self.server.add_raw_event(ven_id, event, callback=self._response_callback(event))
+        # add_raw_event rebuilds active_period from the intervals, dropping tolerance/ramp/recovery (#187).
+        event.active_period = active_period
+        self._event_ven[event_id] = ven_id
+        return event_id
+
+    def modify_event(self, event_id: str, *, intervals: list[IntervalSpec] | None = None,
+                     targets: list[dict] | None = None) -> int:
+        """Change the first signal's intervals and/or the targets; returns the new modification number."""
+        event = self._find(event_id)
+        if intervals is not None:
+            event.event_signals[0].intervals = _intervals(intervals)
+            start, duration = _span([iv for s in event.event_signals for iv in s.intervals])
+            event.active_period = dataclasses.replace(event.active_period, dtstart=start, duration=duration)
+        if targets is not None:
+            event.targets = list(targets)
+            event.targets_by_type = utils.group_targets_by_type(event.targets)
+        # openleadr has no modify API: edit the stored event, bump its number, flag the VEN for a resend.
+        number = utils.increment_event_modification_number(event)
+        event.event_descriptor.modification_date_time = datetime.now(timezone.utc)
+        self.server.events_updated[self._event_ven[event_id]] = True
+        return number
+
+    def cancel_event(self, event_id: str) -> None:
+        self.server.cancel_event(self._event_ven[event_id], event_id)
+
+    def remove_event(self, event_id: str) -> None:
+        """Drop the event without a cancellation: the next distribution simply lacks it (implied cancel)."""
+        ven_id = self._event_ven[event_id]
+        self.server.events[ven_id].remove(self._find(event_id))
+        self.server.events_updated[ven_id] = True
+
+    def _find(self, event_id: str) -> objects.Event:
+        for event in self.server.events.get(self._event_ven.get(event_id, ""), []):
+            if event.event_descriptor.event_id == event_id:
+                return event
+        raise KeyError(f"no event {event_id} at this VTN")
+
+    def _response_callback(self, event: objects.Event) -> Callable[..., None]:
+        def on_response(ven_id: str, event_id: str, opt_type: str) -> None:
+            self.responses.append({"ven_id": ven_id, "event_id": event_id, "opt_type": opt_type})
+            # The stock VTN pops the callback after the first answer; re-arm it to see changes of mind.
+            self.server.event_callbacks[event_id] = (event, on_response)
+        return on_response
+
+    def _record_opt(self, payload: dict) -> None:
+        self.opts.append({"ven_id": payload.get("ven_id"), "opt_id": payload.get("opt_id"),
+                          "event_id": payload.get("event_id"),
+                          "modification_number": payload.get("modification_number"),
+                          "opt_type": payload.get("opt_type"), "opt_reason": payload.get("opt_reason"),
+                          "resource_ids": _resource_ids(payload),
+                          "targets": copy.deepcopy(payload.get("targets")),
+                          "vavailability": _vavailability(payload)})
+
+    # ---- test helper ------------------------------------------------------------------------------------
+
+    @staticmethod
+    async def wait_for(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.05) -> T:
+        """Poll predicate until it is truthy and return its value; TimeoutError after timeout seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = predicate()
+            if value:
+                return value
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"condition not met within {timeout} s")
+            await asyncio.sleep(interval)

@@ -1,0 +1,467 @@
+"""The OpenADR 2.0b VEN adapter: the only VEN-side module that imports openleadr.
+
+openleadr (0.5.36) does the XML, polling and event bookkeeping; this module adds what the bridge needs on
+top of it: a registration loop that survives a VTN that is down, a copy of each event into domain types,
+implied-cancellation detection, and single-resource opt-outs.
+"""
+from __future__ import annotations
+
+import asyncio
+import copy
+import inspect
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from openleadr import OpenADRClient, enums, objects, utils
+
+from dr_bridge.domain import Event, SignalInterval
+
+log = logging.getLogger(__name__)
+
+# openleadr's client.py sets its own logger to INFO on import, which floods the daemon's log.
+openleadr_log = logging.getLogger("openleadr")
+openleadr_log.setLevel(logging.WARNING)
+
+OPT_TYPES = ("optIn", "optOut")
+
+OnEvent = Callable[[Event], Awaitable[tuple[str, str]]]
+OnRegistered = Callable[[str, str], Awaitable[None] | None]
+OnEventList = Callable[[set[str]], Awaitable[None] | None]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Normalisation: openleadr's event dict -> domain.Event
+# --------------------------------------------------------------------------------------------------------
+
+def _as_utc(value: Any) -> datetime:
+    """An aware UTC datetime from a datetime or an ISO 8601 string (naive means UTC)."""
+    if isinstance(value, str):
+        # openleadr only parses timestamps ending in Z and passes any other one on as the raw string.
+        value = datetime.fromisoformat(value.strip())
+    if not isinstance(value, datetime):
+        raise ValueError(f"not a timestamp: {value!r}")
+    if value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc)
+
+
+def _as_timedelta(value: Any) -> timedelta:
+    if value is None:
+        return timedelta(0)
+    if isinstance(value, timedelta):
+        return value
+    return utils.parse_duration(str(value))
+
+
+def _optional_timedelta(value: Any) -> timedelta | None:
+    return None if value is None else _as_timedelta(value)
+
+
+def _as_bool(value: Any) -> bool:
+    if isinstance(value, str):
+        # OpenADR rule 006: every testEvent value other than "false" means a test event.
+        return value.strip().lower() != "false"
+    return bool(value)
+
+
+def _targets(d: dict) -> dict[str, list[str]]:
+    by_type = d.get("targets_by_type")
+    if not by_type:
+        by_type = {}
+        for target in d.get("targets") or []:
+            for kind, value in (target or {}).items():
+                if value is not None:
+                    by_type.setdefault(kind, []).append(value)
+    result: dict[str, list[str]] = {}
+    for kind, values in by_type.items():
+        if not isinstance(values, list):
+            values = [values]
+        # EMIX targets (endDeviceAsset, ...) arrive as nested dicts; the bridge only routes on plain ids.
+        ids = [str(v) for v in values if isinstance(v, (str, int))]
+        if ids:
+            result[kind] = ids
+    return result
+
+
+def _signals(d: dict) -> list[dict]:
+    signals = d.get("event_signals") or []
+    if isinstance(signals, dict):  # openleadr itself allows this nesting (client._on_event)
+        signals = signals.get("event_signals") or []
+    return signals
+
+
+def _intervals(signal: dict, event_start: datetime) -> list[SignalInterval]:
+    result = []
+    cursor = event_start
+    for interval in signal.get("intervals") or []:
+        # Third-party VTNs often send intervals without dtstart: they follow each other from the event start.
+        start = _as_utc(interval["dtstart"]) if interval.get("dtstart") is not None else cursor
+        duration = _as_timedelta(interval.get("duration"))
+        end = start + duration if duration > timedelta(0) else None
+        result.append(SignalInterval(signal_name=str(signal.get("signal_name")),
+                                     signal_type=str(signal.get("signal_type")),
+                                     start=start, end=end,
+                                     value=float(interval.get("signal_payload") or 0.0)))
+        cursor = start + duration
+    return result
+
+
+def event_from_openleadr(d: dict) -> Event:
+    """Copy the event dict openleadr hands to on_event into a domain Event.
+
+    openleadr keeps and later mutates that dict (event_status), so nothing of it is shared.
+    """
+    d = copy.deepcopy(d)
+    descriptor = d.get("event_descriptor") or {}
+    period = d.get("active_period") or {}
+    start = _as_utc(period["dtstart"])
+    duration = _as_timedelta(period.get("duration"))
+    intervals = [iv for signal in _signals(d) for iv in _intervals(signal, start)]
+    tolerance = period.get("tolerance") or {}
+    start_after = (tolerance.get("tolerate") or {}).get("startafter") or tolerance.get("startafter")
+    return Event(
+        event_id=str(descriptor["event_id"]),
+        modification_number=int(descriptor.get("modification_number") or 0),
+        start=start,
+        end=start + duration if duration > timedelta(0) else None,
+        intervals=intervals,
+        targets=_targets(d),
+        event_status=str(descriptor.get("event_status") or "far"),
+        test_event=_as_bool(descriptor.get("test_event", False)),
+        priority=int(descriptor.get("priority") or 0),
+        market_context=descriptor.get("market_context"),
+        start_after=_as_timedelta(start_after),
+        # The VTN side calls them ramp_up_period/recovery_period; the VEN receives ramp_up/recovery.
+        ramp_up=_optional_timedelta(period.get("ramp_up", period.get("ramp_up_period"))),
+        recovery=_optional_timedelta(period.get("recovery", period.get("recovery_period"))),
+        response_required=str(d.get("response_required") or "always"),
+    )
+
+
+def _repair_timestamps(event: dict) -> None:
+    """Turn openleadr's raw-string timestamps into datetimes, in place, before openleadr uses them.
+
+    Without this a non-Z timestamp makes determine_event_status raise: no oadrCreatedEvent is sent,
+    and during the first poll client.run() itself raises.
+    """
+    def fix(holder: dict, key: str) -> None:
+        if isinstance(holder.get(key), str):
+            try:
+                holder[key] = _as_utc(holder[key])
+            except ValueError:
+                log.warning("unparseable timestamp %r in event", holder[key])
+
+    descriptor = event.get("event_descriptor") or {}
+    fix(descriptor, "created_date_time")
+    fix(descriptor, "modification_date_time")
+    fix(event.get("active_period") or {}, "dtstart")
+    for signal in _signals(event):
+        for interval in signal.get("intervals") or []:
+            fix(interval, "dtstart")
+
+
+async def _maybe_await(result: Any) -> Any:
+    if inspect.isawaitable(result):
+        return await result
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------
+# The VEN
+# --------------------------------------------------------------------------------------------------------
+
+class _HeldRecords(logging.Filter):
+    """Holds back openleadr's log records during a registration attempt."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+        self.messages: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.records.append(record)
+        self.messages.append(record.getMessage())
+        return False
+
+    def reason(self) -> str:
+        useful = [m for m in self.messages if "aborting" not in m and not m.startswith("Could not connect")]
+        return (useful[-1] if useful else "no answer")[:200]
+
+    def replay(self) -> None:
+        for record in self.records:
+            openleadr_log.handle(record)
+
+
+class _Client(OpenADRClient):
+    """OpenADRClient with a registration notice and a re-registration that does not kill the client."""
+
+    def __init__(self, *args: Any, after_registration: Callable[[], Awaitable[None]], **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._after_registration = after_registration
+
+    async def create_party_registration(self, *args: Any, **kwargs: Any) -> Any:
+        result = await super().create_party_registration(*args, **kwargs)
+        if self.registration_id:
+            await self._after_registration()
+        return result
+
+    async def create_party_reregistration(self, registration_id: str | None = None) -> None:
+        # openleadr stops the whole client (scheduler and session) when re-registration fails, so the VEN
+        # would never poll again. Keep polling instead: the VTN asks again on the next poll.
+        await self.create_party_registration(ven_id=self.ven_id,
+                                             registration_id=registration_id or self.registration_id)
+        if not self.registration_id:
+            log.warning("re-registration with the VTN failed; will retry when the VTN asks again")
+            return
+        if self.reports:
+            await self.register_reports(self.reports)
+        await self.sync_events()
+
+
+class Ven:
+    """An OpenADR 2.0b VEN on openleadr's OpenADRClient, with its own registration loop."""
+
+    def __init__(self, *, vtn_url: str, ven_name: str, ven_id: str | None = None,
+                 registration_id: str | None = None, cert: str | None = None, key: str | None = None,
+                 ca_file: str | None = None, vtn_fingerprint: str | None = None,
+                 on_event: OnEvent, on_registered: OnRegistered | None = None,
+                 on_event_list: OnEventList | None = None,
+                 backoff_initial_s: float = 1.0, backoff_max_s: float = 60.0) -> None:
+        if cert and not ca_file:
+            # openleadr builds its TLS context only when cert is given, and then needs a CA file.
+            raise ValueError("a TLS client cert needs ca_file to verify the VTN")
+        self.vtn_url = vtn_url
+        self.ven_name = ven_name
+        self._ven_id = ven_id or None
+        self._registration_id = registration_id or None
+        self._cert, self._key, self._ca_file = cert or None, key or None, ca_file or None
+        self._vtn_fingerprint = vtn_fingerprint or None
+        self._on_event = on_event
+        self._on_registered = on_registered
+        self._on_event_list = on_event_list
+        self._backoff_initial_s = backoff_initial_s
+        self._backoff_max_s = backoff_max_s
+        self._client: _Client | None = None
+        self._reported: tuple[str, str] | None = None
+        self._polls_in_flight = 0
+        self._stopping = False
+
+    # ---- state ------------------------------------------------------------------------------------------
+
+    @property
+    def ven_id(self) -> str | None:
+        return self._client.ven_id if self._client and self._client.ven_id else self._ven_id
+
+    @property
+    def registration_id(self) -> str | None:
+        if self._client and self._client.registration_id:
+            return self._client.registration_id
+        return self._registration_id
+
+    @property
+    def registered(self) -> bool:
+        return bool(self._client and self._client.registration_id and self._client.scheduler.running)
+
+    # ---- lifecycle --------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Register with the VTN, retrying with backoff until it answers; returns once polling."""
+        self._stopping = False
+        delay = self._backoff_initial_s
+        attempt = 0
+        while not self._stopping:
+            attempt += 1
+            self._client = self._new_client()
+            # openleadr logs three or four error lines per failed attempt; hold them back and log one.
+            held = _HeldRecords()
+            openleadr_log.addFilter(held)
+            try:
+                await self._client.run()
+            except Exception as err:  # openleadr raises from its first poll on some malformed events
+                held.messages.append(f"{type(err).__name__}: {err}")
+            finally:
+                openleadr_log.removeFilter(held)
+            if self._stopping:
+                break
+            if self.registered:
+                held.replay()
+                log.info("registered with VTN %s as ven_id=%s", self.vtn_url, self.ven_id)
+                return
+            await self._close_client()
+            wait = random.uniform(delay / 2, delay)  # jitter, so a fleet restart does not hit the VTN at once
+            log.warning("VTN %s: registration attempt %d failed (%s); retrying in %.1f s",
+                        self.vtn_url, attempt, held.reason(), wait)
+            await asyncio.sleep(wait)
+            delay = min(delay * 2, self._backoff_max_s)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._client is not None:
+            if self._client.scheduler.running:
+                # Not idempotent: the asyncio scheduler only stops on the next loop turn.
+                self._client.scheduler.shutdown(wait=False)
+            # Closing the session under a running poll makes APScheduler log a traceback; let it finish.
+            for _ in range(100):
+                if self._polls_in_flight == 0:
+                    break
+                await asyncio.sleep(0.05)
+            await self._close_client()
+
+    def _new_client(self) -> _Client:
+        if self._client is not None and self._client.ven_id:
+            self._ven_id = self._client.ven_id  # a VTN-assigned id must survive a retry
+        client = _Client(ven_name=self.ven_name, vtn_url=self.vtn_url, ven_id=self._ven_id,
+                         cert=self._cert, key=self._key, ca_file=self._ca_file,
+                         vtn_fingerprint=self._vtn_fingerprint, show_fingerprint=False,
+                         after_registration=self._after_registration)
+        if self._cert:
+            with open(self._cert, "rb") as f:
+                log.info("VEN certificate fingerprint: %s", utils.certificate_fingerprint(f.read()))
+        client.add_handler("on_event", self._handle_event)
+        client.add_handler("on_update_event", self._handle_event)
+        client.add_hook("after_parse_xml", self._after_parse_xml)
+        openleadr_poll = client._poll
+
+        async def guarded_poll() -> None:
+            # Counted so stop() can wait for it; caught so APScheduler logs one line, not a traceback.
+            self._polls_in_flight += 1
+            try:
+                await openleadr_poll()
+            except Exception as err:
+                log.warning("poll of VTN %s failed: %s: %s", self.vtn_url, type(err).__name__, err)
+            finally:
+                self._polls_in_flight -= 1
+
+        client._poll = guarded_poll  # run() schedules client._poll, so the instance attribute wins
+        return client
+
+    async def _close_client(self) -> None:
+        client = self._client
+        if client is None:
+            return
+        if client.client_session is not None and not client.client_session.closed:
+            await client.client_session.close()
+        # A closed aiohttp session cannot be reused; openleadr only makes a new one when this is None.
+        client.client_session = None
+
+    async def _after_registration(self) -> None:
+        client = self._client
+        if client is None or not client.ven_id or not client.registration_id:
+            return
+        ids = (client.ven_id, client.registration_id)
+        if ids == self._reported:
+            return
+        self._reported = ids
+        self._ven_id, self._registration_id = ids
+        if self._on_registered is not None:
+            try:
+                await _maybe_await(self._on_registered(*ids))
+            except Exception:
+                log.exception("on_registered failed")
+
+    # ---- incoming events --------------------------------------------------------------------------------
+
+    async def _handle_event(self, d: dict) -> str:
+        """openleadr's on_event and on_update_event: never raise, or openleadr opts out of every event."""
+        event_id = (d.get("event_descriptor") or {}).get("event_id")
+        try:
+            event = event_from_openleadr(d)
+            answer = await self._on_event(event)
+            opt, reason = answer
+            if opt not in OPT_TYPES:
+                raise ValueError(f"on_event returned {answer!r}, expected (optIn|optOut, reason)")
+            log.info("event %s mod %d (%s): %s (%s)", event.event_id, event.modification_number,
+                     event.event_status, opt, reason)
+            return opt
+        except Exception:
+            log.exception("handling event %s failed; answering optOut", event_id)
+            return "optOut"
+
+    async def _after_parse_xml(self, message_type: str, payload: dict) -> None:
+        if message_type != "oadrDistributeEvent":
+            return
+        for event in payload.get("events") or []:
+            _repair_timestamps(event)
+        response_code = (payload.get("response") or {}).get("response_code", 200)
+        if response_code != 200 or self._on_event_list is None:
+            # An openleadr VTN answers a failed oadrRequestEvent with an empty, non-200 distribution:
+            # that is no statement about which events exist.
+            return
+        # Implied cancellation (openleadr issue #92): each oadrDistributeEvent lists all of the VEN's
+        # events, so an id missing from it was cancelled. An openleadr VTN only distributes when its
+        # events_updated flag is set for this VEN (a new, modified or cancelled event) and answers a plain
+        # oadrResponse when the list is empty, so there a removal shows up only with the next change and
+        # the removal of the last event never does.
+        ids = {str(e["event_descriptor"]["event_id"]) for e in payload.get("events") or []}
+        try:
+            await _maybe_await(self._on_event_list(ids))
+        except Exception:
+            log.exception("on_event_list failed")
+
+    # ---- outgoing opts ----------------------------------------------------------------------------------
+
+    async def send_opt(self, event_id: str, modification_number: int, resource_id: str, reason: str,
+                       opt_type: str = "optOut") -> bool:
+        """oadrCreateOpt for one resource of one event; True when the VTN acknowledged it.
+
+        reason must be an OpenADR opt reason (e.g. "notParticipating", "overrideStatus"); other text is sent
+        as "notParticipating" since the schema allows nothing else.
+        """
+        # One target per message: openleadr renders several as several eiTarget elements, which the
+        # schema forbids, so a validating VTN rejects the whole opt (HTTP 400).
+        return await self._create_opt(opt_type=opt_type, reason=reason,
+                                      targets=[{"resource_id": resource_id}],
+                                      event_id=event_id, modification_number=modification_number)
+
+    async def send_availability(self, resource_id: str, start: datetime, end: datetime,
+                                reason: str = "notParticipating") -> bool:
+        """oadrCreateOpt optOut: resource_id is unavailable from start to end (no event id)."""
+        start = _as_utc(start)
+        window = objects.Vavailability(components=[
+            objects.VavailabilityComponent(dtstart=start, duration=_as_utc(end) - start)])
+        return await self._create_opt(opt_type="optOut", reason=reason,
+                                      targets=[{"resource_id": resource_id}], vavailability=window)
+
+    async def _create_opt(self, *, opt_type: str, reason: str, targets: list[dict], **kwargs: Any) -> bool:
+        client = self._client
+        if client is None or not client.ven_id:
+            log.warning("not registered; opt for %s not sent", targets)
+            return False
+        if opt_type not in OPT_TYPES:
+            raise ValueError(f"opt_type must be optIn or optOut, not {opt_type!r}")
+        if reason not in enums.OPT_REASON.values:
+            reason = "notParticipating"
+        try:
+            opt_id = await client.create_opt(opt_type=opt_type, opt_reason=reason, targets=targets, **kwargs)
+        except Exception as err:
+            log.warning("oadrCreateOpt for %s failed: %s: %s", targets, type(err).__name__, err)
+            return False
+        return bool(opt_id)
+
+    async def send_created_event(self, event_id: str, modification_number: int, opt_type: str) -> bool:
+        """A later optIn/optOut for a whole event (oadrCreatedEvent); True when the VTN acknowledged it."""
+        client = self._client
+        if client is None or not client.ven_id:
+            log.warning("not registered; %s for event %s not sent", opt_type, event_id)
+            return False
+        if opt_type not in OPT_TYPES:
+            raise ValueError(f"opt_type must be optIn or optOut, not {opt_type!r}")
+        # Same message as client.created_event(), which throws the VTN's answer away; we need it.
+        request_id = utils.generate_id()
+        message = client._create_message(
+            "oadrCreatedEvent", ven_id=client.ven_id,
+            response={"response_code": 200, "response_description": "OK", "request_id": request_id},
+            event_responses=[{"response_code": 200, "response_description": "OK", "request_id": request_id,
+                              "event_id": event_id, "modification_number": modification_number,
+                              "opt_type": opt_type}])
+        try:
+            result = await client._perform_request("EiEvent", message)
+        except Exception as err:
+            log.warning("oadrCreatedEvent for %s failed: %s: %s", event_id, type(err).__name__, err)
+            return False
+        if not result or result[0] != "oadrResponse":
+            return False
+        return (result[1].get("response") or {}).get("response_code") == 200
