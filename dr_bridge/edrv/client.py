@@ -1,0 +1,237 @@
+"""Async client for the eDRV REST API v1.1 (the smart-charging subset the bridge needs).
+
+One httpx.AsyncClient, so every call shares one connection pool; a semaphore bounds the calls in flight.
+Retries use tenacity because its stop/wait/retry predicates express "only 429, 5xx and transport errors,
+Retry-After or exponential backoff with jitter" declaratively and are already a dependency.
+"""
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import time
+from collections.abc import Callable, Iterable
+from datetime import datetime, timezone
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
+from tenacity import wait_exponential_jitter
+
+from dr_bridge.edrv.errors import (EdrvAuthError, EdrvError, EdrvNotFound, EdrvRateLimited, EdrvRejected,
+                                   EdrvServerError, EdrvTransportError)
+from dr_bridge.edrv.models import Action, Chargestation, Session
+
+log = logging.getLogger("dr_bridge.edrv")
+
+OnCall = Callable[[str, float, str], None]
+_RETRYABLE = (EdrvRateLimited, EdrvServerError, EdrvTransportError)
+_MAX_PAGES = 1000  # a server that ignores paginate_page must not keep us looping forever
+
+
+def _outcome(exc: BaseException | None) -> str:
+    return {None: "ok", EdrvAuthError: "auth_error", EdrvNotFound: "not_found", EdrvRejected: "rejected",
+            EdrvRateLimited: "rate_limited", EdrvServerError: "server_error",
+            EdrvTransportError: "transport_error"}.get(type(exc) if exc else None, "error")
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Retry-After is either delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
+def _wire_number(value: float) -> int | float:
+    """16.0 goes out as 16: integral limits as JSON integers, like eDRV's own examples."""
+    value = float(value)
+    return int(value) if value.is_integer() else value
+
+
+class EdrvClient:
+    def __init__(self, base_url: str, api_key: str, *, timeout_s: float = 10.0, max_concurrency: int = 32,
+                 max_retries: int = 3, backoff_base_s: float = 0.5, backoff_max_s: float = 30.0,
+                 on_call: OnCall | None = None, page_size: int = 100) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.max_retries = max_retries
+        self.backoff_base_s = backoff_base_s
+        self.backoff_max_s = backoff_max_s
+        self.page_size = page_size
+        self._api_key = api_key
+        self._on_call = on_call
+        self._sem = asyncio.Semaphore(max_concurrency)
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url + "/", timeout=httpx.Timeout(timeout_s),
+            limits=httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency),
+            headers={"Authorization": f"Bearer {api_key}", "Accept": "application/json",
+                     "User-Agent": "dr-bridge"})
+
+    def __repr__(self) -> str:
+        return f"EdrvClient(base_url={self.base_url!r}, api_key='***')"
+
+    async def __aenter__(self) -> EdrvClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # --- public API -------------------------------------------------------------------------------
+
+    async def list_chargestations(self) -> list[Chargestation]:
+        items = await self._paginate("list_chargestations", "chargestations", {})
+        return [Chargestation.from_json(obj) for obj in items]
+
+    async def get_chargestation(self, chargestation_id: str) -> Chargestation:
+        obj = await self._request("get_chargestation", "GET", f"chargestations/{quote(chargestation_id, safe='')}")
+        return Chargestation.from_json(self._object(obj, "get_chargestation"))
+
+    async def list_running_sessions(self, chargestation_ids: Iterable[str] | None = None) -> list[Session]:
+        """Running sessions, optionally only on these stations.
+
+        Filters are sent to eDRV and applied again here, since it is not documented that eDRV honours them.
+        """
+        wanted = None if chargestation_ids is None else set(chargestation_ids)
+        if wanted is None:
+            queries: list[dict[str, str]] = [{"status": "Started"}]
+        else:
+            queries = [{"status": "Started", "chargestation": cs} for cs in sorted(wanted)]
+        pages = await asyncio.gather(*(self._paginate("list_running_sessions", "sessions", q) for q in queries))
+        seen: dict[str, Session] = {}
+        for items in pages:
+            for obj in items:
+                session = Session.from_json(obj)
+                if session.running and (wanted is None or session.chargestation_id in wanted):
+                    seen.setdefault(session.id, session)
+        return list(seen.values())
+
+    async def get_session(self, session_id: str) -> Session:
+        obj = await self._request("get_session", "GET", f"sessions/{quote(session_id, safe='')}")
+        return Session.from_json(self._object(obj, "get_session"))
+
+    async def set_power_limit(self, session_id: str, unit: str, limit: float, *,
+                              max_retries: int | None = None) -> Action:
+        if unit not in ("current", "power"):
+            raise ValueError(f"unit must be 'current' or 'power', not {unit!r}")
+        body = {"unit": unit, "limit": _wire_number(limit)}
+        obj = await self._request("set_power_limit", "POST", f"sessions/{quote(session_id, safe='')}/set_power_limit",
+                                  json=body, max_retries=max_retries)
+        return Action.from_json(self._object(obj, "set_power_limit"))
+
+    async def clear_power_limit(self, session_id: str, *, max_retries: int | None = None) -> Action:
+        obj = await self._request("clear_power_limit", "POST",
+                                  f"sessions/{quote(session_id, safe='')}/clear_power_limit",
+                                  json={}, max_retries=max_retries)
+        return Action.from_json(self._object(obj, "clear_power_limit"))
+
+    # --- plumbing ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _object(result: Any, op: str) -> dict[str, Any]:
+        if not isinstance(result, dict):
+            raise EdrvError(f"{op}: expected an object in result, got {type(result).__name__}", op=op)
+        return result
+
+    async def _paginate(self, op: str, path: str, query: dict[str, str]) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = []
+        ids: set[str] = set()
+        for page in range(1, _MAX_PAGES + 1):
+            params = {**query, "paginate_limit": str(self.page_size), "paginate_page": str(page)}
+            result, body = await self._request(op, "GET", path, params=params, whole=True)
+            if not isinstance(result, list):
+                raise EdrvError(f"{op}: expected a list in result, got {type(result).__name__}", op=op)
+            fresh = [o for o in result if isinstance(o, dict) and str(o.get("_id")) not in ids]
+            ids.update(str(o.get("_id")) for o in fresh)
+            items.extend(fresh)
+            if len(result) < self.page_size or body.get("hasNext") is False or not fresh:
+                break
+        return items
+
+    def _wait(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, EdrvRateLimited) and exc.retry_after is not None:
+            return min(exc.retry_after, self.backoff_max_s)
+        return wait_exponential_jitter(initial=self.backoff_base_s, max=self.backoff_max_s,
+                                       jitter=self.backoff_base_s)(state)
+
+    async def _request(self, op: str, method: str, path: str, *, params: dict[str, str] | None = None,
+                       json: Any = None, max_retries: int | None = None, whole: bool = False) -> Any:
+        retries = self.max_retries if max_retries is None else max_retries
+
+        def log_retry(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            status = getattr(exc, "status_code", None) or _outcome(exc)
+            wait = state.next_action.sleep if state.next_action else 0.0
+            log.warning("eDRV %s: %s, retry %d/%d in %.2fs", op, status, state.attempt_number, retries, wait)
+
+        retrying = AsyncRetrying(stop=stop_after_attempt(retries + 1), wait=self._wait,
+                                 retry=retry_if_exception_type(_RETRYABLE), before_sleep=log_retry, reraise=True)
+        async for attempt in retrying:
+            with attempt:
+                body = await self._once(op, method, path, params, json)
+        result = body.get("result")
+        return (result, body) if whole else result
+
+    async def _once(self, op: str, method: str, path: str, params: dict[str, str] | None, json: Any) -> dict:
+        started = time.monotonic()
+        error: EdrvError | None = None
+        try:
+            async with self._sem:
+                try:
+                    response = await self._http.request(method, path, params=params, json=json)
+                except httpx.TimeoutException as exc:
+                    raise EdrvTransportError(f"{op}: timeout ({exc.__class__.__name__})", op=op) from None
+                except httpx.TransportError as exc:
+                    raise EdrvTransportError(f"{op}: {exc.__class__.__name__}: {self._scrub(str(exc))}",
+                                             op=op) from None
+            return self._check(op, response)
+        except EdrvError as exc:
+            error = exc
+            raise
+        finally:
+            self._report(op, time.monotonic() - started, _outcome(error))
+
+    def _check(self, op: str, response: httpx.Response) -> dict[str, Any]:
+        status = response.status_code
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        message = self._scrub(str(body.get("message") or "") if isinstance(body, dict) else response.text[:200])
+        text = f"{op}: HTTP {status}" + (f": {message}" if message else "")
+        if status == 429:
+            raise EdrvRateLimited(text, retry_after=_retry_after(response.headers.get("Retry-After")), op=op)
+        if status >= 500:
+            raise EdrvServerError(text, status_code=status, op=op)
+        if status in (401, 403):
+            raise EdrvAuthError(text, status_code=status, op=op)
+        if status == 404:
+            raise EdrvNotFound(text, status_code=status, op=op)
+        if status >= 400 or (isinstance(body, dict) and body.get("ok") is False):
+            raise EdrvRejected(text, status_code=status, op=op)
+        if not isinstance(body, dict):
+            raise EdrvRejected(f"{op}: HTTP {status} without a JSON envelope", status_code=status, op=op)
+        return body
+
+    def _scrub(self, text: str) -> str:
+        # eDRV has no reason to echo the key, but a proxy's error page might
+        return text.replace(self._api_key, "***") if self._api_key else text
+
+    def _report(self, op: str, latency_s: float, outcome: str) -> None:
+        if self._on_call is None:
+            return
+        try:
+            self._on_call(op, latency_s, outcome)
+        except Exception:  # a broken metrics hook must not break eDRV calls
+            log.exception("eDRV on_call hook failed for %s", op)
