@@ -13,10 +13,12 @@ import io
 import logging
 import socket
 import time
+import warnings
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any, TypeVar
 
+from aiohttp import web
 from openleadr import OpenADRServer, objects, utils
 from openleadr.service import OptService, handler
 
@@ -105,9 +107,12 @@ class LocalVtn:
         self._event_ven: dict[str, str] = {}  # event_id -> ven_id
         self._started = False
 
-        self.server = OpenADRServer(vtn_id=vtn_id, http_host=host, http_port=self.port,
-                                    requested_poll_freq=timedelta(seconds=poll_s),
-                                    ven_lookup=self._ven_lookup, verify_message_signatures=False)
+        with warnings.catch_warnings():
+            # openleadr stores itself under a plain string app key, which newer aiohttp warns about.
+            warnings.simplefilter("ignore", getattr(web, "NotAppKeyWarning", UserWarning))
+            self.server = OpenADRServer(vtn_id=vtn_id, http_host=host, http_port=self.port,
+                                        requested_poll_freq=timedelta(seconds=poll_s),
+                                        ven_lookup=self._ven_lookup, verify_message_signatures=False)
         self.server.add_handler("on_create_party_registration", self._on_create_party_registration)
 
         # aiohttp freezes the router on start, so EiOpt must be routed now.
@@ -159,6 +164,10 @@ class LocalVtn:
         self._vens[ven_id] = record
         self.registrations.append(dict(record))
         return ven_id, registration_id
+
+    def forget_ven(self, ven_id: str) -> None:
+        """Act like a VTN that lost its registrations: the VEN's next poll gets oadrRequestReregistration."""
+        self._vens.pop(ven_id, None)
 
     def _ven_lookup(self, ven_id: str) -> dict | None:
         return self._vens.get(ven_id)

@@ -7,6 +7,7 @@ implied-cancellation detection, and single-resource opt-outs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import inspect
 import logging
@@ -247,7 +248,7 @@ class Ven:
         self._client: _Client | None = None
         self._reported: tuple[str, str] | None = None
         self._polls_in_flight = 0
-        self._stopping = False
+        self._stopping = asyncio.Event()
 
     # ---- state ------------------------------------------------------------------------------------------
 
@@ -269,10 +270,10 @@ class Ven:
 
     async def run(self) -> None:
         """Register with the VTN, retrying with backoff until it answers; returns once polling."""
-        self._stopping = False
+        self._stopping.clear()
         delay = self._backoff_initial_s
         attempt = 0
-        while not self._stopping:
+        while not self._stopping.is_set():
             attempt += 1
             self._client = self._new_client()
             # openleadr logs three or four error lines per failed attempt; hold them back and log one.
@@ -284,7 +285,7 @@ class Ven:
                 held.messages.append(f"{type(err).__name__}: {err}")
             finally:
                 openleadr_log.removeFilter(held)
-            if self._stopping:
+            if self._stopping.is_set():
                 break
             if self.registered:
                 held.replay()
@@ -294,11 +295,12 @@ class Ven:
             wait = random.uniform(delay / 2, delay)  # jitter, so a fleet restart does not hit the VTN at once
             log.warning("VTN %s: registration attempt %d failed (%s); retrying in %.1f s",
                         self.vtn_url, attempt, held.reason(), wait)
-            await asyncio.sleep(wait)
+            with contextlib.suppress(asyncio.TimeoutError):  # stop() cuts the wait short
+                await asyncio.wait_for(self._stopping.wait(), wait)
             delay = min(delay * 2, self._backoff_max_s)
 
     async def stop(self) -> None:
-        self._stopping = True
+        self._stopping.set()
         if self._client is not None:
             if self._client.scheduler.running:
                 # Not idempotent: the asyncio scheduler only stops on the next loop turn.

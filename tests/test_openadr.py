@@ -155,6 +155,35 @@ async def test_registers_and_reports_ids(vtn: LocalVtn, rec: Recorder, ven: Ven)
     assert vtn.registrations[-1]["registration_id"] == ven.registration_id
 
 
+async def test_reregistration_reports_the_new_ids(vtn: LocalVtn, rec: Recorder, ven: Ven) -> None:
+    ven_id, first_registration = rec.registered[0]
+    vtn.forget_ven(ven_id)
+    await vtn.wait_for(lambda: len(rec.registered) == 2)
+    assert rec.registered[1][0] == ven_id and rec.registered[1][1] != first_registration
+    assert ven.registered and ven.registration_id == rec.registered[1][1]
+    event_id = vtn.add_event(ven_id, intervals=[(soon(), 10 * MIN, 1)])
+    await vtn.wait_for(lambda: rec.seen(event_id))
+
+
+async def test_distribution_hook_repairs_timestamps_and_ignores_error_answers(rec: Recorder) -> None:
+    ven = Ven(vtn_url="http://127.0.0.1:9/OpenADR2/Simple/2.0b", ven_name="v", on_event=rec.on_event,
+              on_event_list=rec.on_event_list)
+    event = {"event_descriptor": {"event_id": "E", "created_date_time": "2026-03-01T10:00:00"},
+             "active_period": {"dtstart": "2026-03-01T12:00:00", "duration": MIN},
+             "event_signals": [{"intervals": [{"dtstart": "2026-03-01T12:00:00", "duration": MIN}]}]}
+    await ven._after_parse_xml("oadrDistributeEvent",
+                               {"events": [event], "response": {"response_code": 200}})
+    # openleadr would leave these as strings and then fail to answer the event at all.
+    assert event["active_period"]["dtstart"] == datetime(2026, 3, 1, 12, tzinfo=UTC)
+    assert event["event_signals"][0]["intervals"][0]["dtstart"] == datetime(2026, 3, 1, 12, tzinfo=UTC)
+    assert event["event_descriptor"]["created_date_time"] == datetime(2026, 3, 1, 10, tzinfo=UTC)
+    assert rec.event_lists == [{"E"}]
+
+    await ven._after_parse_xml("oadrDistributeEvent", {"response": {"response_code": 452}})
+    await ven._after_parse_xml("oadrResponse", {"response": {"response_code": 200}})
+    assert rec.event_lists == [{"E"}]  # an error answer or an empty poll says nothing about the events
+
+
 async def test_event_arrives_as_domain_event_and_vtn_gets_opt_in(vtn: LocalVtn, rec: Recorder, ven: Ven) -> None:
     start = soon()
     event_id = vtn.add_event(ven.ven_id, intervals=[(start, 15 * MIN, 0.5), (start + 15 * MIN, 15 * MIN, 0.2)],
@@ -265,6 +294,15 @@ async def test_registers_once_the_vtn_comes_up(rec: Recorder, caplog: pytest.Log
         running.cancel()
         await ven.stop()
         await vtn.stop()
+
+
+async def test_stop_ends_the_registration_backoff(rec: Recorder) -> None:
+    ven = make_ven(LocalVtn(), rec, backoff_initial_s=30, backoff_max_s=60)  # VTN never started
+    running = asyncio.create_task(ven.run())
+    await asyncio.sleep(0.3)
+    await ven.stop()
+    await asyncio.wait_for(running, 2)
+    assert not ven.registered and rec.registered == []
 
 
 async def test_restart_reuses_the_persisted_ven_id(vtn: LocalVtn, rec: Recorder) -> None:
