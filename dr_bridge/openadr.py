@@ -223,7 +223,12 @@ class _Client(OpenADRClient):
 
 
 class Ven:
-    """An OpenADR 2.0b VEN on openleadr's OpenADRClient, with its own registration loop."""
+    """An OpenADR 2.0b VEN on openleadr's OpenADRClient, with its own registration loop.
+
+    Pass the ven_id persisted from on_registered back in after a restart so the VTN sees the same VEN.
+    openleadr cannot resume a registration, so each start (and each re-registration the VTN asks for)
+    may yield a new registration_id; on_registered reports every new (ven_id, registration_id) pair.
+    """
 
     def __init__(self, *, vtn_url: str, ven_name: str, ven_id: str | None = None,
                  registration_id: str | None = None, cert: str | None = None, key: str | None = None,
