@@ -23,8 +23,11 @@ class Bridge:
                  clock: Callable[[], datetime] = utcnow, vtn_backoff_s: float = 1.0, http: bool = True):
         self.cfg = cfg
         self.store = Store.open(normalise_url(cfg.bridge.database_url))
+        from dr_bridge.http import HttpServer, Metrics
+
+        self.metrics = Metrics()
         self.client = EdrvClient(cfg.edrv.base_url, api_key, timeout_s=cfg.edrv.request_timeout_s,
-                                 max_concurrency=cfg.edrv.max_concurrency)
+                                 max_concurrency=cfg.edrv.max_concurrency, on_call=self._observe_call)
         self.engine = Engine(cfg, self.store, self.client, dry_run=dry_run, clock=clock)
         state = self.store.ven_state()
         self.ven = Ven(vtn_url=cfg.vtn.url, ven_name=cfg.vtn.ven_name, ven_id=state.ven_id or cfg.vtn.ven_id or None,
@@ -32,12 +35,13 @@ class Bridge:
                        ca_file=cfg.vtn.ca_file or None, vtn_fingerprint=cfg.vtn.vtn_fingerprint or None,
                        on_event=self.engine.handle_event, on_registered=self.engine.registered,
                        on_event_list=self.engine.handle_event_list, backoff_initial_s=vtn_backoff_s)
-        self.http = None
-        if http:
-            from dr_bridge.http import HttpServer
-
-            self.http = HttpServer(cfg, self)
+        self.http = HttpServer(cfg, self, self.metrics) if http else None
         self._ven_task: asyncio.Task | None = None
+
+    def _observe_call(self, op: str, latency_s: float, outcome: str) -> None:
+        self.metrics.edrv_latency.labels(op=op, outcome=outcome).observe(latency_s)
+        if outcome == "ok":
+            self.engine.last_edrv_ok = utcnow()
 
     async def start(self) -> None:
         await self.engine.start()

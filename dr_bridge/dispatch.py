@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Literal
 
@@ -45,6 +46,8 @@ class _Slot:
     changed: asyncio.Event | None = None
     ended: bool = False
     rejections: int = 0  # rejected limit calls for the current desired limit
+    clear_refused: bool = False  # this session's station refused a clear: restore with set max instead
+    since: float = 0.0  # monotonic time the desired state last changed
 
 
 NonCompliant = Callable[[str, Station, str | None, str], Awaitable[None]]
@@ -101,9 +104,37 @@ class Dispatcher:
             if slot.desired is None or slot.desired.key != desired.key:
                 slot.rejections = 0
             slot.desired = desired
+            slot.since = time.monotonic()
             slot.changed.set()
         if slot.applied != desired.key and (slot.worker is None or slot.worker.done()):
             slot.worker = asyncio.create_task(self._work(session_id), name=f"dispatch-{session_id}")
+
+    def refused_later(self, session_id: str, purpose: str, key: object) -> None:
+        """An outcome webhook said the charger refused a call that eDRV had accepted (HTTP 2xx)."""
+        slot = self._slots.get(session_id)
+        if slot is None or slot.ended or slot.desired is None:
+            return
+        if purpose == "restore":
+            slot.clear_refused = True
+        elif slot.desired.kind != "limit" or slot.desired.key != key:
+            return  # refused something no longer wanted
+        else:
+            slot.rejections += 1
+            if slot.rejections > self.limit_retries:
+                if self.on_noncompliant is not None:
+                    asyncio.create_task(self.on_noncompliant(session_id, slot.station, slot.desired.event_id,
+                                                             f"limit refused {slot.rejections} times"))
+                return
+        slot.applied = None
+        if slot.worker is None or slot.worker.done():
+            slot.worker = asyncio.create_task(self._work(session_id), name=f"dispatch-{session_id}")
+
+    def overdue(self, after_s: float) -> list[str]:
+        """Sessions whose restore has been pending longer than after_s."""
+        now = time.monotonic()
+        return [sid for sid, slot in self._slots.items()
+                if not slot.ended and slot.desired is not None and slot.desired.kind == "restore"
+                and slot.applied != RESTORED and now - slot.since > after_s]
 
     def session_ended(self, session_id: str) -> None:
         slot = self._slots.get(session_id)
@@ -159,6 +190,8 @@ class Dispatcher:
         if want.kind == "limit":
             return "set_power_limit", "limit", want.limit
         how, limit = restore_plan(slot.station)
+        if how == "clear" and slot.clear_refused:
+            how, limit = "set", Limit("current", slot.station.max_current)
         return ("clear_power_limit" if how == "clear" else "set_power_limit"), "restore", limit
 
     def _record(self, session_id: str, slot: _Slot, want: Desired, kind: str, purpose: str,
@@ -199,6 +232,7 @@ class Dispatcher:
                                            lambda: self.client.clear_power_limit(session_id, max_retries=0))
                 if outcome == "rejected":
                     # eDRV simulator stations, and some physical ones, refuse clears: lift the limit instead.
+                    slot.clear_refused = True
                     kind, limit = "set_power_limit", Limit("current", slot.station.max_current)
                     continue
             else:

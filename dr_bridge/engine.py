@@ -8,6 +8,7 @@ restart (even after SIGKILL) resumes an event or restores one that ended while t
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 from dataclasses import dataclass, field, replace
@@ -20,9 +21,11 @@ from dr_bridge import schedule
 from dr_bridge.dispatch import Desired, Dispatcher
 from dr_bridge.domain import ACTIVE, CANCELLED, COMPLETED, PENDING, Event, Limit, Station
 from dr_bridge.edrv.errors import EdrvError
+from dr_bridge.edrv.models import Session
+from dr_bridge.edrv.webhooks import Envelope, action_status
 from dr_bridge.eventlog import event_from_json, event_to_json, iso
 from dr_bridge.policy import UnsupportedSignal, is_supported, most_restrictive, share, station_limit
-from dr_bridge.store import EventRow, IntervalRow, OptOutRow, Store, utcnow
+from dr_bridge.store import EventRow, IntervalRow, OptOutRow, ReadingRow, Store, utcnow
 from dr_bridge.targets import select_stations
 
 log = logging.getLogger("dr_bridge.engine")
@@ -292,7 +295,8 @@ class Engine:
     async def _refresh_sessions(self, station_ids: list[str]) -> None:
         """Ask eDRV which sessions run now; sessions we limited that no longer run are done with."""
         try:
-            sessions = await self.client.list_running_sessions(station_ids)
+            # One paginated listing filtered here, rather than one query per station on every pass.
+            sessions = await self.client.list_running_sessions(None if len(station_ids) > 4 else station_ids)
         except EdrvError as exc:
             log.warning("could not list running sessions (%s); using the last known list", exc)
             return
@@ -320,6 +324,91 @@ class Engine:
             log.warning("could not read chargestation %s (%s); treating its kind as unknown", station.id, exc)
             return station
         return replace(station, simulator=cs.is_simulator) if cs.is_simulator is not None else station
+
+    # --- what eDRV tells us by webhook ----------------------------------------------------------------
+    async def on_webhook(self, env: Envelope) -> None:
+        kind = env.type
+        if kind.startswith(("session.set_power_limit.", "session.clear_power_limit.")):
+            self._action_outcome(env)
+        elif kind in ("session.started", "session.updated"):
+            self._session_seen(Session.from_json(env.data), env)
+        elif kind in ("session.ended", "session.cancelled"):
+            self._session_gone(Session.from_json(env.data))
+        elif kind in ("chargestation.offline", "chargestation.online"):
+            await self._station_link(str(env.data.get("_id") or ""), kind.endswith("online"))
+        else:
+            log.debug("webhook %s ignored", kind)
+
+    def _action_outcome(self, env: Envelope, tries: int = 0) -> None:
+        status = action_status(env.type)
+        if status in (None, "requested"):
+            return
+        row = self.store.action_by_edrv_id(str(env.data.get("_id") or ""))
+        if row is None:
+            # The outcome can overtake eDRV's HTTP answer that tells us the action id: look again shortly.
+            if tries < 20:
+                asyncio.get_running_loop().call_later(0.25, self._action_outcome, env, tries + 1)
+            return
+        if row.status in ("accepted", "rejected", "skipped"):
+            return  # a late or duplicate outcome never overwrites a final one
+        detail = json.dumps(env.data.get("response_data") or {})[:300] if status == "rejected" else row.detail
+        self.store.update_action(row.id, status=status, detail=detail)
+        if status == "rejected":
+            log.warning("charger refused %s for session %s (%s)", row.kind, row.session_id, env.type)
+            key = (row.unit, row.limit) if row.purpose == "limit" else None
+            self.dispatcher.refused_later(row.session_id, row.purpose, key)
+
+    def _session_seen(self, session: Session, env: Envelope) -> None:
+        station_id = session.chargestation_id
+        if station_id not in self.stations or not session.id:
+            return
+        if session.power_kw is not None or session.current_a is not None:
+            self.store.add_reading(ReadingRow(at=session.energy_report_at or env.created_at or utcnow(),
+                                              session_id=session.id, chargestation_id=station_id,
+                                              power_kw=session.power_kw, current_a=session.current_a))
+        if not session.running:
+            if session.status and session.status.lower() in ("ended", "cancelled"):
+                self._session_gone(session)
+            return
+        known = self.running.setdefault(station_id, [])
+        if session.id not in known:
+            known.append(session.id)
+            known.sort()
+            if any(station_id in live.station_ids and live.status == ACTIVE for live in self.events.values()):
+                log.info("session %s started on %s during an event: sharing its budget", session.id, station_id)
+                self.kick()
+
+    def _session_gone(self, session: Session) -> None:
+        station_id = session.chargestation_id
+        if station_id in self.running and session.id in self.running[station_id]:
+            self.running[station_id].remove(session.id)
+            self.kick()  # the remaining sessions get a bigger share
+        if self.dispatcher.known(session.id):
+            self.dispatcher.session_ended(session.id)
+
+    async def _station_link(self, station_id: str, online: bool) -> None:
+        station = self.stations.get(station_id)
+        if station is None:
+            return
+        if online:
+            log.info("station %s is back online: re-limiting its sessions", station.resource_id)
+            for session_id in self.running.get(station_id, []):
+                self.dispatcher.refused_later(session_id, "limit", None)
+            self.kick()
+            return
+        for live in self.events.values():
+            if live.acting and live.status == ACTIVE and station_id in live.station_ids:
+                await self._noncompliant("", station, live.event.event_id, "station offline (outageRunStatus)")
+
+    # --- health --------------------------------------------------------------------------------------
+    def active_event_ids(self) -> list[str]:
+        return sorted(e.event.event_id for e in self.events.values() if e.status == ACTIVE and e.acting)
+
+    def limited_sessions(self) -> list[str]:
+        return self.dispatcher.limited_sessions()
+
+    def overdue_restores(self, after_s: float = 120.0) -> list[str]:
+        return self.dispatcher.overdue(after_s)
 
     # --- opt-outs ----------------------------------------------------------------------------------------
     async def _noncompliant(self, session_id: str, station: Station, event_id: str | None, reason: str) -> None:

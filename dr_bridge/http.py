@@ -1,44 +1,135 @@
-"""The bridge's HTTP server (aiohttp): eDRV webhooks, /healthz and Prometheus /metrics."""
+"""The bridge's HTTP server (aiohttp): eDRV webhooks, /healthz and Prometheus /metrics.
+
+Webhooks are persisted before they are answered (200, empty body) and processed afterwards, so a crash
+between the two loses nothing; bad input gets a 4xx and one log line, never a 5xx.
+"""
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from dr_bridge.edrv.webhooks import BadWebhook, parse, verify
 from dr_bridge.eventlog import iso
+from dr_bridge.store import WebhookRow, utcnow
 
 if TYPE_CHECKING:
     from dr_bridge.daemon import Bridge
 
 log = logging.getLogger("dr_bridge.http")
+MAX_WEBHOOK_BYTES = 1 << 20
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.active_events = Gauge("drbridge_active_events", "Events currently limiting stations", registry=r)
+        self.actions = Gauge("drbridge_actions", "Action rows by status", ["status"], registry=r)
+        self.restores_pending = Gauge("drbridge_restores_pending", "Sessions limited by the bridge", registry=r)
+        self.webhook_lag = Histogram("drbridge_webhook_lag_seconds", "eDRV createdAt to receipt",
+                                     buckets=(0.1, 0.5, 1, 2, 5, 15, 60, 300), registry=r)
+        self.edrv_latency = Histogram("drbridge_edrv_call_seconds", "eDRV API call latency", ["op", "outcome"],
+                                      registry=r)
 
 
 class HttpServer:
-    def __init__(self, cfg, bridge: "Bridge"):
+    def __init__(self, cfg, bridge: "Bridge", metrics: Metrics):
         self.cfg = cfg
         self.bridge = bridge
-        self.app = web.Application()
+        self.metrics = metrics
+        self.secret = cfg.webhook_secret()
+        self.last_webhook = None
+        self.app = web.Application(client_max_size=MAX_WEBHOOK_BYTES)
+        self.app.router.add_post(cfg.http.webhook_path, self.webhook)
         self.app.router.add_get("/healthz", self.healthz)
+        self.app.router.add_get("/metrics", self.metrics_page)
         self.runner: web.AppRunner | None = None
         self.port: int | None = None
+        self._tasks: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         self.runner = web.AppRunner(self.app, access_log=None)
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.cfg.http.host, self.cfg.http.port)
         await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # the real port when 0 was asked for
+        self.port = site._server.sockets[0].getsockname()[1]
         log.info("HTTP on http://%s:%s (webhooks at %s)", self.cfg.http.host, self.port, self.cfg.http.webhook_path)
+        for row in self.bridge.store.unprocessed_webhooks():  # received before a crash, not yet processed
+            self._process(row.id, parse(row.body.encode()))
 
     async def stop(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.runner is not None:
             await self.runner.cleanup()
 
-    async def healthz(self, request: web.Request) -> web.Response:
+    async def webhook(self, request: web.Request) -> web.Response:
+        peer = request.remote
+        try:
+            if request.content_length is not None and request.content_length > MAX_WEBHOOK_BYTES:
+                raise BadWebhook(413, f"body of {request.content_length} bytes is too large")
+            try:
+                body = await request.read()
+            except web.HTTPRequestEntityTooLarge:
+                raise BadWebhook(413, "body is too large") from None
+            variant = None
+            if self.secret:
+                variant = verify(request.headers.get("edrv-signature"), body, self.secret, time.time())
+            env = parse(body)
+        except BadWebhook as exc:
+            log.warning("webhook from %s refused (%d): %s", peer, exc.status, exc.reason)
+            return web.Response(status=exc.status)
+        fresh = self.bridge.store.add_webhook(WebhookRow(id=env.id, type=env.type, created_at=env.created_at,
+                                                         body=body.decode("utf-8", "replace")))
+        self.last_webhook = utcnow()
+        if env.created_at is not None:
+            self.metrics.webhook_lag.observe(max(0.0, (self.last_webhook - env.created_at).total_seconds()))
+        if not fresh:
+            log.debug("webhook %s (%s) is a duplicate; ignored", env.id, env.type)
+        else:
+            if variant:
+                log.debug("webhook %s signature ok (%s)", env.id, variant)
+            self._process(env.id, env)
+        return web.Response(status=200)
+
+    def _process(self, webhook_id: str, env) -> None:
+        async def run() -> None:
+            try:
+                await self.bridge.engine.on_webhook(env)
+            except Exception:
+                log.exception("processing webhook %s (%s) failed", env.id, env.type)
+            self.bridge.store.mark_webhook_processed(webhook_id)
+
+        task = asyncio.create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def health(self) -> tuple[bool, dict]:
         engine = self.bridge.engine
-        active = [e.event.event_id for e in engine.events.values() if e.status == "active" and e.acting]
-        body = {"vtn_registered": self.bridge.ven.registered, "ven_id": engine.ven_id,
-                "last_edrv_ok": iso(engine.last_edrv_ok), "active_events": active,
-                "restores_pending": engine.dispatcher.pending()}
-        return web.json_response(body)
+        overdue = engine.overdue_restores()
+        body = {"ok": not overdue, "vtn_registered": self.bridge.ven.registered, "ven_id": engine.ven_id,
+                "last_edrv_ok": iso(engine.last_edrv_ok), "last_webhook": iso(self.last_webhook),
+                "active_events": engine.active_event_ids(), "restores_pending": len(engine.limited_sessions()),
+                "restores_overdue": overdue}
+        return not overdue, body
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        ok, body = self.health()
+        return web.json_response(body, status=200 if ok else 503)
+
+    async def metrics_page(self, request: web.Request) -> web.Response:
+        engine = self.bridge.engine
+        self.metrics.active_events.set(len(engine.active_event_ids()))
+        self.metrics.restores_pending.set(len(engine.limited_sessions()))
+        for status, n in self.bridge.store.action_counts().items():
+            self.metrics.actions.labels(status=status).set(n)
+        return web.Response(body=generate_latest(self.metrics.registry),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+

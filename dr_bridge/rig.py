@@ -26,6 +26,7 @@ class StationSpec:
     refuse: str | None = None
     naming: str = "accepted"
     group: str | None = None
+    configured_simulator: bool | None = None  # what the bridge's config says; None leaves it to eDRV
 
 
 @dataclass
@@ -69,7 +70,8 @@ class Rig:
             "levels": {"1": {"fraction": 0.75}, "2": {"fraction": 0.5}, "3": {"current": 6}},
             "chargestations": [
                 {"id": self.station_ids[s.resource_id], "resource_id": s.resource_id, "max_current": s.max_current,
-                 "phases": s.phases, **({"group": s.group} if s.group else {})}
+                 "phases": s.phases, **({"group": s.group} if s.group else {}),
+                 **({"simulator": s.configured_simulator} if s.configured_simulator is not None else {})}
                 for s in self.stations],
         }
 

@@ -134,6 +134,30 @@ class OptOutRow(SQLModel, table=True):
     attempts: int = 0
 
 
+class WebhookRow(SQLModel, table=True):
+    """Every eDRV webhook as received, persisted before it is answered; `_id` makes delivery idempotent."""
+
+    __tablename__ = "webhooks"
+    id: str = Field(primary_key=True)  # the envelope's _id
+    type: str
+    received_at: datetime = _ts(default_factory=utcnow)
+    created_at: Optional[datetime] = _ts(default=None, nullable=True)
+    body: str
+    processed: bool = False
+
+
+class ReadingRow(SQLModel, table=True):
+    """Power drawn by a session, from eDRV energy reports (kW, whatever unit eDRV used)."""
+
+    __tablename__ = "readings"
+    id: Optional[int] = Field(default=None, primary_key=True)
+    at: datetime = _ts(index=True)
+    session_id: str = Field(index=True)
+    chargestation_id: str = Field(index=True)
+    power_kw: Optional[float] = None
+    current_a: Optional[float] = None
+
+
 def normalise_url(url: str, base_dir: Path | None = None) -> str:
     """Relative SQLite paths are taken relative to the config file, so any working directory finds one DB."""
     prefix = "sqlite:///"
@@ -319,6 +343,54 @@ class Store:
                     setattr(row, k, v)
                 s.add(row)
                 s.commit()
+
+
+    # --- webhooks and readings ---------------------------------------------------------------------------
+    def add_webhook(self, row: WebhookRow) -> bool:
+        """False when a webhook with this _id was already stored (a duplicate delivery)."""
+        with self.session() as s:
+            if s.get(WebhookRow, row.id) is not None:
+                return False
+            s.add(row)
+            try:
+                s.commit()
+            except sa.exc.IntegrityError:
+                return False
+            return True
+
+    def mark_webhook_processed(self, webhook_id: str) -> None:
+        with self.session() as s:
+            row = s.get(WebhookRow, webhook_id)
+            if row is not None:
+                row.processed = True
+                s.add(row)
+                s.commit()
+
+    def unprocessed_webhooks(self) -> list[WebhookRow]:
+        with self.session() as s:
+            return list(s.exec(select(WebhookRow).where(WebhookRow.processed.is_(False))
+                               .order_by(WebhookRow.received_at)))
+
+    def add_reading(self, row: ReadingRow) -> None:
+        with self.session() as s:
+            s.add(row)
+            s.commit()
+
+    def readings(self, chargestation_id: str | None = None, since: datetime | None = None) -> list[ReadingRow]:
+        with self.session() as s:
+            q = select(ReadingRow)
+            if chargestation_id is not None:
+                q = q.where(ReadingRow.chargestation_id == chargestation_id)
+            if since is not None:
+                q = q.where(ReadingRow.at >= since)
+            return list(s.exec(q.order_by(ReadingRow.at)))
+
+    def prune(self, before: datetime) -> None:
+        """Retention: readings and processed webhooks older than `before` go."""
+        with self.session() as s:
+            s.execute(sa.delete(ReadingRow).where(ReadingRow.at < before))
+            s.execute(sa.delete(WebhookRow).where(WebhookRow.processed.is_(True), WebhookRow.received_at < before))
+            s.commit()
 
 
 def dumps(obj: Any) -> str:

@@ -1,6 +1,7 @@
 """The main path end to end: the real openleadr VTN and the eDRV simulator over loopback, the whole bridge."""
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -59,3 +60,125 @@ async def test_level2_event_limits_targeted_sessions_and_restores_them(rig, brid
     assert ev.status == "completed" and ev.opt == "optIn"
     assert {a.status for a in bridge.store.actions(event_id)} == {"requested"}
     assert bridge.store.session_states(limited_only=True) == []
+
+
+def one_station(**bridge):
+    return {"stations": [StationSpec("A")], "bridge": bridge}
+
+
+def a_calls(rig):
+    return [(k, b.get("limit")) for k, b in calls(rig, "A")]
+
+
+@pytest.mark.parametrize("rig", [one_station()], indirect=True)
+async def test_intervals_with_different_levels_and_a_level0_gap(rig, bridge):
+    s = soon(3)
+    rig.vtn.add_event(bridge.ven.ven_id, intervals=[(s, timedelta(seconds=2), 1), (s + timedelta(seconds=2),
+                      timedelta(seconds=2), 0), (s + timedelta(seconds=4), timedelta(seconds=2), 2)])
+    await wait_for(lambda: len(calls(rig, "A")) >= 4, 20)
+    await bridge.engine.settle()
+    assert a_calls(rig) == [("set_power_limit", 24), ("clear_power_limit", None), ("set_power_limit", 16),
+                            ("clear_power_limit", None)]
+
+
+@pytest.mark.parametrize("rig", [one_station()], indirect=True)
+async def test_modification_takes_effect_at_once_and_cancellation_restores_at_once(rig, bridge):
+    s = soon(2)
+    event_id = rig.vtn.add_event(bridge.ven.ven_id, intervals=[(s, timedelta(seconds=60), 1)])
+    await wait_for(lambda: calls(rig, "A"), 15)
+    rig.vtn.modify_event(event_id, intervals=[(s, timedelta(seconds=60), 2)])
+    await wait_for(lambda: len(calls(rig, "A")) >= 2, 10)
+    assert a_calls(rig) == [("set_power_limit", 24), ("set_power_limit", 16)]
+    rig.vtn.cancel_event(event_id)
+    await wait_for(lambda: len(calls(rig, "A")) >= 3, 10)
+    assert a_calls(rig)[2] == ("clear_power_limit", None)
+    assert bridge.store.get_event(event_id).status == "cancelled"
+    assert bridge.store.get_event(event_id).modification_number == 2
+
+
+@pytest.mark.parametrize("rig", [one_station()], indirect=True)
+async def test_overlapping_events_restore_only_after_the_later_one(rig, bridge):
+    s = soon(3)
+    rig.vtn.add_event(bridge.ven.ven_id, intervals=[(s, timedelta(seconds=3), 1)])
+    rig.vtn.add_event(bridge.ven.ven_id, intervals=[(s + timedelta(seconds=1), timedelta(seconds=5), 2)])
+    await wait_for(lambda: len(calls(rig, "A")) >= 3, 20)
+    await bridge.engine.settle()
+    assert a_calls(rig) == [("set_power_limit", 24), ("set_power_limit", 16), ("clear_power_limit", None)]
+    clear_at = [r.at for r in rig.sim.requests if r.path.endswith("clear_power_limit")][0]
+    assert clear_at >= (s + timedelta(seconds=6)).timestamp() - 0.2
+
+
+@pytest.mark.parametrize("rig", [one_station()], indirect=True)
+async def test_open_ended_event_holds_until_cancelled(rig, bridge):
+    s = soon(2)
+    event_id = rig.vtn.add_event(bridge.ven.ven_id, intervals=[(s, timedelta(0), 3)])
+    await wait_for(lambda: calls(rig, "A"), 15)
+    assert bridge.store.get_event(event_id).end is None
+    await asyncio.sleep(2)
+    assert a_calls(rig) == [("set_power_limit", 6)]
+    rig.vtn.cancel_event(event_id)
+    await wait_for(lambda: len(calls(rig, "A")) >= 2, 10)
+    assert a_calls(rig)[1] == ("clear_power_limit", None)
+
+
+@pytest.mark.parametrize("rig", [one_station()], indirect=True)
+@pytest.mark.parametrize("kind", ["unknown resource", "another VEN", "no supported signal"])
+async def test_events_we_cannot_act_on_are_answered_opt_out(rig, bridge, kind):
+    s = soon(2)
+    args = {"unknown resource": dict(targets=[{"resource_id": "ZZZ"}]),
+            "another VEN": dict(targets=[{"ven_id": "SOME-OTHER-VEN"}]),
+            "no supported signal": dict(signal_name="ELECTRICITY_PRICE", signal_type="price")}[kind]
+    event_id = rig.vtn.add_event(bridge.ven.ven_id, intervals=[(s, timedelta(seconds=2), 1)], **args)
+    await wait_for(lambda: rig.vtn.responses, 10)
+    assert rig.vtn.responses[0]["opt_type"] == "optOut"
+    row = bridge.store.get_event(event_id)
+    assert row.opt == "optOut" and row.opt_reason
+    await asyncio.sleep(3)
+    assert rig.sim.limit_calls() == []
+
+
+@pytest.mark.parametrize("rig", [{"stations": [StationSpec("A", simulator=True, configured_simulator=False)]}],
+                         indirect=True)
+async def test_refused_clear_falls_back_to_set_max(rig, bridge):
+    s = soon(2)
+    event_id = rig.vtn.add_event(bridge.ven.ven_id, intervals=[(s, timedelta(seconds=2), 2)])
+    await wait_for(lambda: len(calls(rig, "A")) >= 3, 20)
+    await bridge.engine.settle()
+    assert a_calls(rig) == [("set_power_limit", 16), ("clear_power_limit", None), ("set_power_limit", 32)]
+    restores = [(a.kind, a.status) for a in bridge.store.actions(event_id) if a.purpose == "restore"]
+    assert restores == [("clear_power_limit", "rejected"), ("set_power_limit", "requested")]
+    assert bridge.store.session_states(limited_only=True) == []
+
+
+@pytest.mark.parametrize("rig", [one_station()], indirect=True)
+async def test_a_rate_limited_set_never_lands_after_the_restore(rig, bridge):
+    s = soon(2)
+    event_id = rig.vtn.add_event(bridge.ven.ven_id, intervals=[(s, timedelta(seconds=2), 2)])
+    await wait_for(lambda: rig.vtn.responses, 10)
+    rig.sim.faults.methods = ("POST",)
+    rig.sim.faults.update(rate_limit_rate=1.0, retry_after_s=5)
+    await wait_for(lambda: calls(rig, "A"), 15)  # the first set is answered 429, Retry-After 5 s
+    await asyncio.sleep(s.timestamp() + 2.5 - datetime.now(timezone.utc).timestamp())
+    rig.sim.faults.update(rate_limit_rate=0.0)
+    await wait_for(lambda: any(k == "clear_power_limit" for k, _ in a_calls(rig)), 10)
+    await bridge.engine.settle()
+    answered = [(r.path.rsplit("/", 1)[1], r.status) for r in rig.sim.requests if r.method == "POST"]
+    ok = [kind for kind, status in answered if status and status < 300]
+    assert ok == ["clear_power_limit"] or ok == ["set_power_limit", "clear_power_limit"]
+    assert answered[-1][0] == "clear_power_limit"
+    limit_rows = [a for a in bridge.store.actions(event_id) if a.purpose == "limit"]
+    assert limit_rows[0].status in ("skipped", "requested")
+
+
+@pytest.mark.parametrize("rig", [one_station(dry_run=True)], indirect=True)
+async def test_dry_run_plans_everything_and_sends_nothing(rig, bridge):
+    s = soon(2)
+    event_id = rig.vtn.add_event(bridge.ven.ven_id, intervals=[(s, timedelta(seconds=2), 2)])
+    await wait_for(lambda: rig.vtn.responses, 10)
+    assert rig.vtn.responses[0]["opt_type"] == "optOut"  # dry_run_opt defaults to "out"
+    await wait_for(lambda: len(bridge.store.actions(event_id)) >= 2, 15)
+    await bridge.engine.settle()
+    rows = bridge.store.actions(event_id)
+    assert [(a.purpose, a.status, a.limit) for a in rows] == [("limit", "dry_run", 16), ("restore", "dry_run", None)]
+    assert rig.sim.limit_calls() == []
+    assert rig.vtn.opts == []

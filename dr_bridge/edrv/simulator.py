@@ -58,6 +58,7 @@ class Faults:
     rate_limit_rate: float = 0.0  # answer 429 with Retry-After
     retry_after_s: float = 1.0
     drop_webhook_rate: float = 0.0
+    methods: tuple[str, ...] | None = None  # e.g. ("POST",): faults hit only limit calls, not listings
     _fail_next: list[int] = field(default_factory=list)
     _drop_next: int = 0
 
@@ -462,6 +463,8 @@ class EdrvSimulator:
         if not hmac.compare_digest(auth[7:].strip().encode(), self.api_key.encode()):
             return _envelope(False, "jwt expired", None, 401)
         f = self.faults
+        if f.methods is not None and request.method not in f.methods:
+            return await self._guard(request, handler)
         if f.latency_s:
             await asyncio.sleep(f.latency_s)
         status = f._fail_next.pop(0) if f._fail_next else None
