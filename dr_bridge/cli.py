@@ -28,7 +28,7 @@ app.command("check-config", help="Validate a config file offline and print stati
 app.command("simulate-edrv", help="Run the eDRV simulator: a local stand-in for the eDRV API, for rehearsals.")(
     simulate_edrv)
 
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # an error is one line, even in a narrow or piped stderr
 ConfigOpt = typer.Option(..., "--config", "-c", help="The dr-bridge TOML config file.")
 DebugOpt = typer.Option(False, "--debug", help="Show tracebacks and debug logs.")
 
@@ -42,7 +42,7 @@ def setup_logging(debug: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%Y-%m-%dT%H:%M:%S%z")
     logging.Formatter.converter = __import__("time").gmtime
-    for noisy in ("openleadr", "apscheduler", "httpx", "aiohttp.access"):
+    for noisy in ("openleadr", "apscheduler", "httpx", "aiohttp.access", "alembic"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)
 
 
