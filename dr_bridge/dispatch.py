@@ -116,6 +116,11 @@ class Dispatcher:
             return
         if purpose == "restore":
             slot.clear_refused = True
+            slot.rejections += 1
+            if slot.applied == RESTORED:  # retry later, not in a tight loop against a refusing charger
+                slot.applied = None
+                asyncio.get_running_loop().call_later(self._backoff(slot.rejections), self._start, session_id)
+            return
         elif slot.desired.kind != "limit" or slot.desired.key != key:
             return  # refused something no longer wanted
         else:
@@ -126,7 +131,11 @@ class Dispatcher:
                                                              f"limit refused {slot.rejections} times"))
                 return
         slot.applied = None
-        if slot.worker is None or slot.worker.done():
+        self._start(session_id)
+
+    def _start(self, session_id: str) -> None:
+        slot = self._slots[session_id]
+        if not slot.ended and (slot.worker is None or slot.worker.done()):
             slot.worker = asyncio.create_task(self._work(session_id), name=f"dispatch-{session_id}")
 
     def overdue(self, after_s: float) -> list[str]:

@@ -14,6 +14,7 @@ from dr_bridge.edrv.simulator import EdrvSimulator
 from dr_bridge.localvtn import LocalVtn
 
 API_KEY = "rig-api-key"
+WEBHOOK_SECRET_ENV = "DR_BRIDGE_RIG_WEBHOOK_SECRET"
 
 
 @dataclass
@@ -36,6 +37,7 @@ class Rig:
     bridge_options: dict[str, Any] = field(default_factory=dict)
     edrv_options: dict[str, Any] = field(default_factory=dict)
     ev_delay_s: float = 0.5
+    webhook_secret: str | None = None  # signs webhooks; the config then names WEBHOOK_SECRET_ENV
     vtn: LocalVtn | None = None
     sim: EdrvSimulator | None = None
     station_ids: dict[str, str] = field(default_factory=dict)  # resource_id -> eDRV station id
@@ -47,7 +49,7 @@ class Rig:
         self.http_port = http_port or _free_port()
         webhook_url = f"http://127.0.0.1:{self.http_port}/edrv/webhooks" if webhooks else None
         self.sim = EdrvSimulator(API_KEY, webhook_url=webhook_url, ev_delay_s=self.ev_delay_s,
-                                 report_interval_s=1.0, seed=7)
+                                 report_interval_s=1.0, seed=7, webhook_secret=self.webhook_secret)
         await self.sim.start()
         for spec in self.stations:
             sid = self.sim.add_station(simulator=spec.simulator, max_current=spec.max_current, phases=spec.phases,
@@ -65,7 +67,9 @@ class Rig:
         return {
             "bridge": {"database_url": f"sqlite:///{self.workdir / 'dr-bridge.db'}", **self.bridge_options},
             "vtn": {"url": self.vtn.url, "ven_name": "dr-bridge-rig"},
-            "edrv": {"base_url": self.sim.base_url, "api_key_env": "DR_BRIDGE_RIG_KEY", **self.edrv_options},
+            "edrv": {"base_url": self.sim.base_url, "api_key_env": "DR_BRIDGE_RIG_KEY",
+                     **({"webhook_secret_env": WEBHOOK_SECRET_ENV} if self.webhook_secret else {}),
+                     **self.edrv_options},
             "http": {"host": "127.0.0.1", "port": self.http_port},
             "levels": {"1": {"fraction": 0.75}, "2": {"fraction": 0.5}, "3": {"current": 6}},
             "chargestations": [

@@ -1,0 +1,163 @@
+"""eDRV webhooks: live sessions mid-event, refusals, reconciliation, bad input, readings and metrics."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import time
+from datetime import timedelta
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from dr_bridge.daemon import Bridge
+from dr_bridge.edrv.webhooks import BadWebhook, verify
+from dr_bridge.eventlog import event_detail
+from dr_bridge.rig import API_KEY, WEBHOOK_SECRET_ENV, Rig, StationSpec, wait_for
+from tests.test_core import calls, soon
+
+SECRET = "whsec-test"
+
+
+@pytest.fixture
+async def rig(tmp_path, request, monkeypatch):
+    spec = getattr(request, "param", None) or {}
+    monkeypatch.setenv(WEBHOOK_SECRET_ENV, SECRET)
+    r = Rig(tmp_path, spec.get("stations") or [StationSpec("A"), StationSpec("B")],
+            edrv_options=spec.get("edrv", {"reconcile_interval_s": 2}), webhook_secret=SECRET)
+    await r.start(webhooks=True)
+    yield r
+    await r.stop()
+
+
+@pytest.fixture
+async def bridge(rig):
+    b = Bridge(rig.config(), API_KEY, vtn_backoff_s=0.2)
+    await b.start()
+    await wait_for(lambda: b.ven.registered, 15)
+    yield b
+    await b.stop()
+
+
+def sign_v1(body: bytes, t: str) -> str:
+    return f"t={t},v1=" + hmac.new(SECRET.encode(), t.encode() + b"." + body, hashlib.sha256).hexdigest()
+
+
+# --- signature forms (pure) ---------------------------------------------------------------------------
+@pytest.mark.parametrize("form", ["sha256", "sha256-upper", "v1-seconds", "v1-ms", "v1-body"])
+def test_every_known_signature_form_is_accepted(form):
+    body, now = b'{"_id":"1"}', time.time()
+    mac = lambda payload: hmac.new(SECRET.encode(), payload, hashlib.sha256).hexdigest()  # noqa: E731
+    t_s, t_ms = str(int(now)), str(int(now * 1000))
+    header = {"sha256": "sha256=" + mac(body), "sha256-upper": "sha256=" + mac(body).upper(),
+              "v1-seconds": f"t={t_s},v1={mac(t_s.encode() + b'.' + body)}",
+              "v1-ms": f"t={t_ms},v1={mac(t_ms.encode() + b'.' + body)}",
+              "v1-body": f"t={t_s},v1={mac(body)}"}[form]
+    assert verify(header, body, SECRET, now)
+
+
+@pytest.mark.parametrize("header", [None, "sha256=00", "t=1,v1=00", "garbage"])
+def test_wrong_missing_or_stale_signatures_are_refused(header):
+    with pytest.raises(BadWebhook) as exc:
+        verify(header, b"{}", SECRET, time.time())
+    assert exc.value.status == 401
+
+
+# --- live sessions ---------------------------------------------------------------------------------------
+async def test_session_started_mid_interval_gets_its_share_within_a_second(rig, bridge):
+    s = soon(2)
+    rig.vtn.add_event(bridge.ven.ven_id, intervals=[(s, timedelta(seconds=30), 2)], targets=[{"resource_id": "A"}])
+    await wait_for(lambda: calls(rig, "A"), 15)
+    assert calls(rig, "A") == [("set_power_limit", {"unit": "current", "limit": 16})]
+    first = rig.sessions["A"][0]
+    new = rig.sim.start_session(rig.station_ids["A"])
+    t0 = time.time()
+    await wait_for(lambda: any(sid == new for sid, _, _ in rig.sim.limit_calls()), 5)
+    sent_at = next(r.at for r in rig.sim.requests if r.path.endswith(f"{new}/set_power_limit"))
+    started_hook = next(w for w in rig.sim.webhooks_sent if w["type"] == "session.started" and w["data"]["_id"] == new)
+    assert sent_at - t0 < 1.0, f"limit sent {sent_at - t0:.2f}s after the session.started webhook"
+    assert started_hook
+    await wait_for(lambda: len([c for c in rig.sim.limit_calls() if c[0] == first]) >= 2, 5)
+    by_session = {sid: body for sid, kind, body in rig.sim.limit_calls()}
+    assert by_session[new] == {"unit": "current", "limit": 8}
+    assert by_session[first] == {"unit": "current", "limit": 8}  # the first session lowered to the new share
+    rig.sim.end_session(new)
+    await wait_for(lambda: [c for c in rig.sim.limit_calls() if c[0] == first][-1][2]["limit"] == 16, 5)
+
+
+async def test_session_whose_webhook_was_dropped_is_limited_by_reconciliation(rig, bridge):
+    s = soon(2)
+    rig.vtn.add_event(bridge.ven.ven_id, intervals=[(s, timedelta(seconds=30), 2)], targets=[{"resource_id": "A"}])
+    await wait_for(lambda: calls(rig, "A"), 15)
+    new = rig.sim.start_session(rig.station_ids["A"], send_webhook=False)
+    await wait_for(lambda: any(sid == new for sid, _, _ in rig.sim.limit_calls()), 6)  # reconcile every 2 s
+    assert [b for sid, _, b in rig.sim.limit_calls() if sid == new] == [{"unit": "current", "limit": 8}]
+
+
+@pytest.mark.parametrize("rig", [{"stations": [StationSpec("A", refuse="http")]},
+                                 {"stations": [StationSpec("A", refuse="webhook", naming="completed")]}],
+                         indirect=True, ids=["http-400", "failed-webhook"])
+async def test_refusing_station_is_resent_then_non_compliant(rig, bridge):
+    s = soon(2)
+    event_id = rig.vtn.add_event(bridge.ven.ven_id, intervals=[(s, timedelta(seconds=60), 2)])
+    await wait_for(lambda: bridge.store.opt_outs(event_id), 25)
+    sets = [b for k, b in calls(rig, "A") if k == "set_power_limit" and b["limit"] == 16]
+    assert len(sets) == 1 + bridge.cfg.edrv.limit_retries  # the first try and limit_retries re-sends
+    await bridge.engine.settle(5)
+    detail = event_detail(bridge.store, event_id)
+    (opt,) = detail["opt_outs"]
+    assert opt["resource_id"] == "A" and opt["source"] == "automatic" and opt["sent"] is False
+    assert {a["status"] for a in detail["actions"] if a["purpose"] == "limit"} == {"rejected"}
+
+
+# --- bad input -------------------------------------------------------------------------------------
+async def test_bad_duplicate_and_out_of_order_webhooks(rig, bridge):
+    url = f"http://127.0.0.1:{rig.http_port}/edrv/webhooks"
+    body = json.dumps({"_id": "wh-1", "object": "session", "type": "session.updated",
+                       "data": {"_id": "x", "status": "Started"}, "createdAt": "2026-01-01T00:00:00Z"}).encode()
+    t = str(int(time.time()))
+    async with httpx.AsyncClient() as http:
+        ok = await http.post(url, content=body, headers={"edrv-signature": sign_v1(body, t)})
+        dup = await http.post(url, content=body, headers={"edrv-signature": sign_v1(body, t)})
+        bad_sig = await http.post(url, content=body, headers={"edrv-signature": "t=" + t + ",v1=deadbeef"})
+        unsigned = await http.post(url, content=body)
+        junk = b"{not json"
+        malformed = await http.post(url, content=junk, headers={"edrv-signature": sign_v1(junk, t)})
+        big = b'{"_id": "' + b"x" * (2 << 20) + b'"}'
+        oversized = await http.post(url, content=big, headers={"edrv-signature": sign_v1(big, t)})
+        late = json.dumps({"_id": "wh-2", "object": "action", "type": "session.set_power_limit.accepted",
+                           "data": {"_id": "never-sent"}}).encode()
+        out_of_order = await http.post(url, content=late, headers={"edrv-signature": sign_v1(late, t)})
+        health = await http.get(f"http://127.0.0.1:{rig.http_port}/healthz")
+    assert (ok.status_code, ok.content) == (200, b"")
+    assert dup.status_code == 200
+    assert bad_sig.status_code == 401 and unsigned.status_code == 401
+    assert malformed.status_code == 400
+    assert oversized.status_code == 413
+    assert out_of_order.status_code == 200
+    assert health.status_code == 200
+    from sqlmodel import select
+    from dr_bridge.store import WebhookRow
+    with bridge.store.session() as s:
+        ids = [w.id for w in s.exec(select(WebhookRow))]
+    assert "wh-1" in ids and ids.count("wh-1") == 1 and "wh-2" in ids
+
+
+# --- readings and metrics --------------------------------------------------------------------------
+async def test_readings_in_both_unit_styles_are_stored_as_kw_and_metrics_parse(rig, bridge):
+    await wait_for(lambda: {r.chargestation_id for r in bridge.store.readings()} >=
+                   set(rig.station_ids.values()), 10)
+    for resource, station_id in rig.station_ids.items():
+        expected = rig.sim.station_power_kw(station_id)
+        latest = [r for r in bridge.store.readings(station_id)][-1]
+        assert latest.power_kw == pytest.approx(expected, rel=0.01), resource
+    styles = {type(w["data"]["energy_report"]["power"]["value"]).__name__ for w in rig.sim.webhooks_sent
+              if w["type"] == "session.updated" and w["data"].get("energy_report")}
+    assert styles == {"float", "str"} or styles == {"int", "str"}
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(f"http://127.0.0.1:{rig.http_port}/metrics")).text
+    names = {f.name for f in text_string_to_metric_families(text)}
+    assert {"drbridge_active_events", "drbridge_restores_pending", "drbridge_webhook_lag_seconds",
+            "drbridge_edrv_call_seconds"} <= names
