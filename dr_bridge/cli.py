@@ -113,7 +113,7 @@ def events_list(config: str = ConfigOpt, as_json: bool = typer.Option(False, "--
     if as_json:
         print(json.dumps(rows, indent=2))
     else:
-        views.print_event_list(Console(), rows)
+        views.print_event_list(views.console(), rows)
 
 
 @events_app.command("show", help="One event: intervals, every action and its outcome, opt-outs.")
@@ -128,7 +128,7 @@ def events_show(event_id: str, config: str = ConfigOpt, as_json: bool = typer.Op
     if as_json:
         print(json.dumps(detail, indent=2))
     else:
-        views.print_event_detail(Console(), detail)
+        views.print_event_detail(views.console(), detail)
 
 
 @app.command("opt-out", help="Opt a resource (or a whole event) out; the daemon acts on it within 5 s.")
@@ -168,7 +168,9 @@ def demo_command(keep_running: bool = typer.Option(False, "--keep-running",
                  debug: bool = DebugOpt) -> None:
     from dr_bridge.demo import run_demo
 
-    raise typer.Exit(asyncio.run(run_demo(Console(), keep_running=keep_running, debug=debug)))
+    from dr_bridge.views import console
+
+    raise typer.Exit(asyncio.run(run_demo(console(), keep_running=keep_running, debug=debug)))
 
 
 def main() -> None:

@@ -52,6 +52,8 @@ async def run_demo(console: Console, keep_running: bool = False, debug: bool = F
             console.print(f"VTN sends event [bold]{event_id}[/bold]: level 1 for 8 s, then level 2 for 8 s, "
                           f"starting {start:%H:%M:%S}Z, targeting {len(TARGETS)} resources")
             await _follow(console, rig, bridge, event_id, start + timedelta(seconds=16))
+            await rig.sim.drain_webhooks()  # the chargers' last answers, so the log shows final statuses
+            await asyncio.sleep(0.5)
             console.print()
             print_event_detail(console, event_detail(bridge.store, event_id))
             limited = bridge.store.session_states(limited_only=True)
@@ -63,9 +65,9 @@ async def run_demo(console: Console, keep_running: bool = False, debug: bool = F
                 await asyncio.Event().wait()
             return 0 if not limited else 1
         finally:
+            await rig.stop()
             if bridge is not None:
                 await bridge.stop()
-            await rig.stop()
 
 
 async def _follow(console: Console, rig: Rig, bridge: Bridge, event_id: str, end: datetime) -> None:
@@ -81,7 +83,7 @@ async def _follow(console: Console, rig: Rig, bridge: Bridge, event_id: str, end
             what = f"{body['limit']:g} {'A' if body['unit'] == 'current' else 'W'}" if body else "no limit"
             verb = "set_power_limit  " if kind == "set_power_limit" else "clear_power_limit"
             console.print(f"  {datetime.now(timezone.utc):%H:%M:%S}Z eDRV {verb} {names.get(sid, '?'):16} "
-                          f"session {sid[-6:]}: {what}")
+                          f"session …{sid[-8:]}: {what}")
         seen_calls = len(rig.sim.limit_calls())
         now = datetime.now(timezone.utc)
         row = bridge.store.get_event(event_id)

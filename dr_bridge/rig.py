@@ -55,7 +55,9 @@ class Rig:
             sid = self.sim.add_station(simulator=spec.simulator, max_current=spec.max_current, phases=spec.phases,
                                        refuse=spec.refuse, naming=spec.naming, connectors=max(2, spec.sessions + 2))
             self.station_ids[spec.resource_id] = sid
-            self.sessions[spec.resource_id] = [self.sim.start_session(sid) for _ in range(spec.sessions)]
+            # Running before the bridge starts: the bridge finds them by listing, as after its own restart.
+            self.sessions[spec.resource_id] = [self.sim.start_session(sid, send_webhook=False)
+                                               for _ in range(spec.sessions)]
 
     async def stop(self) -> None:
         if self.sim is not None:

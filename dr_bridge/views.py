@@ -15,6 +15,13 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def console() -> Console:
+    """Tables for people: 100 columns when piped, so a log or a pager reads the same as a terminal."""
+    import sys
+
+    return Console(width=None if sys.stdout.isatty() else 100)
+
+
 def print_event_list(console: Console, rows: list[dict[str, Any]]) -> None:
     if not rows:
         console.print("no events in the event log")
@@ -40,13 +47,15 @@ def print_event_detail(console: Console, d: dict[str, Any]) -> None:
         t.add_row(i["start"], _fmt(i["end"]), f"{i['signal_name']}/{i['signal_type']}", _fmt(i["value"]))
     console.print(t)
     t = Table(title=f"Actions ({len(d['actions'])})")
-    for col in ("at", "session", "station/resource", "call", "limit", "status", "tries", "detail"):
-        t.add_column(col, overflow="fold")
+    for col in ("at", "session", "resource", "call", "limit", "status", "tries"):
+        t.add_column(col, no_wrap=True)
+    t.add_column("detail", overflow="fold")
     for a in d["actions"]:
         call = ("clear" if a["kind"] == "clear_power_limit" else "set") + f" ({a['purpose']})"
         limit = "-" if a["limit"] is None else f"{a['limit']:g} {'A' if a['unit'] == 'current' else 'W'}"
-        t.add_row(a["at"][11:19], a["session_id"], a["resource_id"], call, limit, a["status"], str(a["attempts"]),
-                  a["detail"])
+        # The last 8 hex digits tell sessions apart in a table; --json has the full ids.
+        t.add_row(a["at"][11:19], "…" + a["session_id"][-8:], a["resource_id"], call, limit, a["status"],
+                  str(a["attempts"]), a["detail"])
     console.print(t)
     if d["opt_outs"]:
         t = Table(title="Opt-outs")
