@@ -182,3 +182,53 @@ async def test_dry_run_plans_everything_and_sends_nothing(rig, bridge):
     assert [(a.purpose, a.status, a.limit) for a in rows] == [("limit", "dry_run", 16), ("restore", "dry_run", None)]
     assert rig.sim.limit_calls() == []
     assert rig.vtn.opts == []
+
+
+@pytest.mark.parametrize("rig", [{"stations": [StationSpec("A"), StationSpec("B")]}], indirect=True)
+async def test_modification_that_drops_a_station_restores_it_at_once(rig, bridge):
+    s = soon(2)
+    event_id = rig.vtn.add_event(bridge.ven.ven_id, intervals=[(s, timedelta(seconds=60), 2)],
+                                 targets=[{"resource_id": "A"}, {"resource_id": "B"}])
+    await wait_for(lambda: calls(rig, "A") and calls(rig, "B"), 15)
+    rig.vtn.modify_event(event_id, targets=[{"resource_id": "A"}])
+    await wait_for(lambda: len(calls(rig, "B")) >= 2, 10)
+    assert calls(rig, "B")[1] == ("clear_power_limit", {})
+    assert calls(rig, "A") == [("set_power_limit", {"unit": "current", "limit": 16})]
+
+
+@pytest.mark.parametrize("rig", [one_station()], indirect=True)
+async def test_an_event_that_disappears_from_the_vtn_list_counts_as_cancelled(rig, bridge):
+    s = soon(2)
+    event_id = rig.vtn.add_event(bridge.ven.ven_id, intervals=[(s, timedelta(seconds=60), 2)])
+    await wait_for(lambda: calls(rig, "A"), 15)
+    rig.vtn.remove_event(event_id)
+    await wait_for(lambda: len(calls(rig, "A")) >= 2, 10)
+    assert a_calls(rig) == [("set_power_limit", 16), ("clear_power_limit", None)]
+    assert bridge.store.get_event(event_id).status == "cancelled"
+
+
+@pytest.mark.parametrize("rig", [one_station()], indirect=True)
+async def test_test_events_are_answered_opt_in_and_only_logged(rig, bridge):
+    s = soon(2)
+    event_id = rig.vtn.add_event(bridge.ven.ven_id, intervals=[(s, timedelta(seconds=2), 2)], test_event=True)
+    await wait_for(lambda: rig.vtn.responses, 10)
+    assert rig.vtn.responses[0]["opt_type"] == "optIn"
+    await wait_for(lambda: len(bridge.store.actions(event_id)) >= 2, 15)
+    assert [a.status for a in bridge.store.actions(event_id)] == ["dry_run", "dry_run"]
+    assert rig.sim.limit_calls() == []
+
+
+@pytest.mark.parametrize("rig", [one_station()], indirect=True)
+async def test_randomisation_offset_is_drawn_once_and_delays_the_limit(rig, bridge):
+    s = soon(2)
+    event_id = rig.vtn.add_event(bridge.ven.ven_id, intervals=[(s, timedelta(seconds=30), 2)],
+                                 start_after=timedelta(seconds=3))
+    await wait_for(lambda: bridge.store.get_event(event_id), 10)
+    first = bridge.store.get_event(event_id)
+    assert 0 <= first.offset_s <= 3 and first.effective_start == s + timedelta(seconds=first.offset_s)
+    rig.vtn.modify_event(event_id, intervals=[(s, timedelta(seconds=30), 1)])
+    await wait_for(lambda: bridge.store.get_event(event_id).modification_number == 1, 10)
+    assert bridge.store.get_event(event_id).offset_s == first.offset_s
+    await wait_for(lambda: calls(rig, "A"), 15)
+    sent = [r.at for r in rig.sim.requests if r.path.endswith("set_power_limit")][0]
+    assert sent >= first.effective_start.timestamp() - 0.1
