@@ -61,6 +61,7 @@ class BridgeSection(_Section):
     max_event_hours: float = Field(24.0, gt=0)
     restore_spread_s: float = Field(0.0, ge=0)
     baseline_minutes: float = Field(15.0, ge=0)
+    readings_retention_days: float = Field(30.0, gt=0)  # power readings and processed webhooks kept this long
 
     @field_validator("database_url")
     @classmethod

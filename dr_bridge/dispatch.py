@@ -133,6 +133,23 @@ class Dispatcher:
         slot.applied = None
         self._start(session_id)
 
+    def unanswered(self, session_id: str, purpose: str, key: object) -> None:
+        """No outcome webhook in time: a limit counts as refused; a restore is simply sent again."""
+        if purpose == "limit":
+            self.refused_later(session_id, purpose, key)
+            return
+        slot = self._slots.get(session_id)
+        if slot is not None and slot.desired is not None and slot.desired.kind == "restore":
+            self.forget(session_id)
+
+    def forget(self, session_id: str) -> None:
+        """What eDRV holds is unknown again (a charger reconnected, an answer never came): send again."""
+        slot = self._slots.get(session_id)
+        if slot is not None and not slot.ended:
+            slot.applied = None
+            slot.changed.set()
+            self._start(session_id)
+
     def _start(self, session_id: str) -> None:
         slot = self._slots[session_id]
         if not slot.ended and (slot.worker is None or slot.worker.done()):

@@ -43,6 +43,7 @@ class LiveEvent:
     dry: bool
     station_ids: set[str]
     opted_out: set[str] = field(default_factory=set)  # resource_ids no longer limited in this event
+    offline: set[str] = field(default_factory=set)  # opted out only while their station is offline
 
     @property
     def acting(self) -> bool:
@@ -67,6 +68,7 @@ class Engine:
                                      on_noncompliant=self._noncompliant)
         self.scheduler = AsyncIOScheduler(timezone="UTC")
         self.last_edrv_ok: datetime | None = None
+        self.webhooks_seen = False  # outcome timeouts only mean something once eDRV's webhooks reach us
         self._dirty = asyncio.Event()
         self._idle = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
@@ -99,6 +101,11 @@ class Engine:
                                id="reconcile", replace_existing=True)
         self.scheduler.add_job(self._apply_operator_opt_outs, "interval", seconds=2, id="opt-outs",
                                replace_existing=True)
+        check_s = max(0.5, min(10.0, self.cfg.edrv.action_timeout_s / 4))
+        self.scheduler.add_job(self._expire_unanswered, "interval", seconds=check_s, id="action-timeouts",
+                               replace_existing=True)
+        self.scheduler.add_job(self._prune, "interval", hours=1, id="retention", replace_existing=True,
+                               next_run_time=self.clock())
         self._loop_task = asyncio.create_task(self._loop(), name="engine-loop")
         self.kick()
 
@@ -327,6 +334,7 @@ class Engine:
 
     # --- what eDRV tells us by webhook ----------------------------------------------------------------
     async def on_webhook(self, env: Envelope) -> None:
+        self.webhooks_seen = True
         kind = env.type
         if kind.startswith(("session.set_power_limit.", "session.clear_power_limit.")):
             self._action_outcome(env)
@@ -392,13 +400,31 @@ class Engine:
             return
         if online:
             log.info("station %s is back online: re-limiting its sessions", station.resource_id)
+            for live in self.events.values():
+                if station.resource_id in live.offline:
+                    live.offline.discard(station.resource_id)
+                    live.opted_out.discard(station.resource_id)
             for session_id in self.running.get(station_id, []):
-                self.dispatcher.refused_later(session_id, "limit", None)
+                self.dispatcher.forget(session_id)  # a charger that reconnects may have lost its limits
             self.kick()
             return
         for live in self.events.values():
             if live.acting and live.status == ACTIVE and station_id in live.station_ids:
                 await self._noncompliant("", station, live.event.event_id, "station offline (outageRunStatus)")
+                live.offline.add(station.resource_id)
+
+    async def _expire_unanswered(self) -> None:
+        if not self.webhooks_seen:
+            return
+        cutoff = utcnow() - timedelta(seconds=self.cfg.edrv.action_timeout_s)
+        for row in self.store.unanswered_actions(cutoff):
+            self.store.update_action(row.id, status="failed",
+                                     detail=f"no outcome from the charger within {self.cfg.edrv.action_timeout_s:g} s")
+            log.warning("no outcome for %s on session %s: counted as failed", row.kind, row.session_id)
+            self.dispatcher.unanswered(row.session_id, row.purpose, (row.unit, row.limit))
+
+    async def _prune(self) -> None:
+        self.store.prune(utcnow() - timedelta(days=self.cfg.bridge.readings_retention_days))
 
     # --- health --------------------------------------------------------------------------------------
     def active_event_ids(self) -> list[str]:

@@ -289,6 +289,12 @@ class Store:
                 q = q.where(ActionRow.session_id == session_id)
             return list(s.exec(q.order_by(ActionRow.at, ActionRow.id)))
 
+    def unanswered_actions(self, before: datetime) -> list[ActionRow]:
+        """Calls eDRV accepted (HTTP 2xx) whose charger has not answered by `before`."""
+        with self.session() as s:
+            q = select(ActionRow).where(ActionRow.status == "requested", ActionRow.updated_at < before)
+            return list(s.exec(q.order_by(ActionRow.id)))
+
     def action_counts(self) -> dict[str, int]:
         with self.session() as s:
             rows = s.exec(select(ActionRow.status, sa.func.count()).group_by(ActionRow.status))

@@ -161,3 +161,29 @@ async def test_readings_in_both_unit_styles_are_stored_as_kw_and_metrics_parse(r
     names = {f.name for f in text_string_to_metric_families(text)}
     assert {"drbridge_active_events", "drbridge_restores_pending", "drbridge_webhook_lag_seconds",
             "drbridge_edrv_call_seconds"} <= names
+
+
+@pytest.mark.parametrize("rig", [{"stations": [StationSpec("A")], "edrv": {"action_timeout_s": 1}}], indirect=True)
+async def test_unanswered_limits_fail_are_resent_then_non_compliant(rig, bridge):
+    await wait_for(lambda: bridge.engine.webhooks_seen, 10)
+    s = soon(2)
+    event_id = rig.vtn.add_event(bridge.ven.ven_id, intervals=[(s, timedelta(seconds=60), 2)])
+    await wait_for(lambda: rig.vtn.responses, 10)
+    rig.sim.faults.update(drop_webhook_rate=1.0)  # the charger never answers
+    await wait_for(lambda: bridge.store.opt_outs(event_id), 25)
+    limits = [a for a in bridge.store.actions(event_id) if a.purpose == "limit"]
+    assert len(limits) == 1 + bridge.cfg.edrv.limit_retries
+    assert all(a.status == "failed" and "no outcome" in a.detail for a in limits)
+
+
+@pytest.mark.parametrize("rig", [{"stations": [StationSpec("A")]}], indirect=True)
+async def test_station_offline_is_non_compliant_and_relimited_when_back(rig, bridge):
+    s = soon(2)
+    event_id = rig.vtn.add_event(bridge.ven.ven_id, intervals=[(s, timedelta(seconds=60), 2)])
+    await wait_for(lambda: calls(rig, "A"), 15)
+    rig.sim.set_online(rig.station_ids["A"], False)
+    (opt,) = await wait_for(lambda: bridge.store.opt_outs(event_id), 10)
+    assert opt.resource_id == "A" and opt.source == "automatic" and "offline" in opt.reason
+    rig.sim.set_online(rig.station_ids["A"], True)
+    await wait_for(lambda: [c for c in calls(rig, "A")[1:] if c == ("set_power_limit", {"unit": "current",
+                                                                                         "limit": 16})], 10)
