@@ -106,8 +106,8 @@ class Dispatcher:
             slot.desired = desired
             slot.since = time.monotonic()
             slot.changed.set()
-        if slot.applied != desired.key and (slot.worker is None or slot.worker.done()):
-            slot.worker = asyncio.create_task(self._work(session_id), name=f"dispatch-{session_id}")
+        if slot.applied != desired.key:
+            self._start(session_id)
 
     def refused_later(self, session_id: str, purpose: str, key: object) -> None:
         """An outcome webhook said the charger refused a call that eDRV had accepted (HTTP 2xx)."""

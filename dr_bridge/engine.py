@@ -433,8 +433,9 @@ class Engine:
     def limited_sessions(self) -> list[str]:
         return self.dispatcher.limited_sessions()
 
-    def overdue_restores(self, after_s: float = 120.0) -> list[str]:
-        return self.dispatcher.overdue(after_s)
+    def overdue_restores(self) -> list[str]:
+        """Restores still not done two outcome-timeouts after they became due."""
+        return self.dispatcher.overdue(2 * self.cfg.edrv.action_timeout_s)
 
     # --- opt-outs ----------------------------------------------------------------------------------------
     async def _noncompliant(self, session_id: str, station: Station, event_id: str | None, reason: str) -> None:

@@ -52,6 +52,7 @@ class HttpServer:
         self.runner: web.AppRunner | None = None
         self.port: int | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._variants_seen: set[str] = set()
 
     async def start(self) -> None:
         self.runner = web.AppRunner(self.app, access_log=None)
@@ -94,8 +95,9 @@ class HttpServer:
         if not fresh:
             log.debug("webhook %s (%s) is a duplicate; ignored", env.id, env.type)
         else:
-            if variant:
-                log.debug("webhook %s signature ok (%s)", env.id, variant)
+            if variant and variant not in self._variants_seen:
+                self._variants_seen.add(variant)  # once per form: which one eDRV really uses is worth knowing
+                log.info("webhook signatures verified as %s", variant)
             self._process(env.id, env)
         return web.Response(status=200)
 

@@ -96,7 +96,7 @@ async def test_session_whose_webhook_was_dropped_is_limited_by_reconciliation(ri
     assert [b for sid, _, b in rig.sim.limit_calls() if sid == new] == [{"unit": "current", "limit": 8}]
 
 
-@pytest.mark.parametrize("rig", [{"stations": [StationSpec("A", refuse="http")]},
+@pytest.mark.parametrize("rig", [{"stations": [StationSpec("A", refuse="http")], "edrv": {"action_timeout_s": 1}},
                                  {"stations": [StationSpec("A", refuse="webhook", naming="completed")]}],
                          indirect=True, ids=["http-400", "failed-webhook"])
 async def test_refusing_station_is_resent_then_non_compliant(rig, bridge):
@@ -110,6 +110,16 @@ async def test_refusing_station_is_resent_then_non_compliant(rig, bridge):
     (opt,) = detail["opt_outs"]
     assert opt["resource_id"] == "A" and opt["source"] == "automatic" and opt["sent"] is False
     assert {a["status"] for a in detail["actions"] if a["purpose"] == "limit"} == {"rejected"}
+    if rig.stations[0].refuse == "http":  # the charger refuses the restore too: /healthz must say so
+        url = f"http://127.0.0.1:{rig.http_port}/healthz"
+
+        async def health():
+            async with httpx.AsyncClient() as http:
+                return await http.get(url)
+
+        await asyncio.sleep(2.5)
+        r = await health()
+        assert r.status_code == 503 and r.json()["restores_overdue"] == rig.sessions["A"]
 
 
 # --- bad input -------------------------------------------------------------------------------------
