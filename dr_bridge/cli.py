@@ -9,7 +9,6 @@ import asyncio
 import json
 import logging
 import sys
-from pathlib import Path
 from typing import List, Optional
 
 import typer

@@ -55,8 +55,7 @@ NonCompliant = Callable[[str, Station, str | None, str], Awaitable[None]]
 
 class Dispatcher:
     def __init__(self, client, store: Store, *, limit_retries: int = 3, backoff_s: float = 1.0,
-                 backoff_max_s: float = 60.0, on_noncompliant: NonCompliant | None = None,
-                 on_call: Callable[[bool], None] | None = None):
+                 backoff_max_s: float = 60.0, on_noncompliant: NonCompliant | None = None):
         self.client = client
         self.store = store
         self.limit_retries = limit_retries

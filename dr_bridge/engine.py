@@ -123,8 +123,12 @@ class Engine:
 
     async def release_all(self, timeout: float | None = None) -> None:
         for st in self.store.session_states(limited_only=True):
-            station = self.stations.get(st.chargestation_id) or Station(
-                id=st.chargestation_id, resource_id=st.resource_id, max_current=st.limit or 32)
+            station = self.stations.get(st.chargestation_id)
+            if station is None:
+                # Without the station's max_current a fallback "restore" could only re-send the old limit.
+                log.error("session %s is limited on station %s, which is no longer configured: add the station "
+                          "back to the config to restore it", st.session_id, st.chargestation_id)
+                continue
             station = await self._resolve(station)
             if not self.dispatcher.known(st.session_id):
                 self.dispatcher.seed(st.session_id, station,

@@ -16,7 +16,7 @@ import time
 import warnings
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from aiohttp import web
 from openleadr import OpenADRServer, objects, utils

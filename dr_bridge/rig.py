@@ -4,7 +4,6 @@ The demo runs on it, and so do the end-to-end tests, so what the tests prove is 
 """
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,14 +113,5 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-async def wait_for(predicate, timeout: float = 15.0, interval: float = 0.05):
-    """Poll until predicate() is truthy; the value, or TimeoutError naming what was awaited."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if loop.time() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {getattr(predicate, '__name__', predicate)}")
-        await asyncio.sleep(interval)
+# One polling helper for tests and the demo: the local VTN's.
+wait_for = LocalVtn.wait_for

@@ -6,7 +6,6 @@ Alembic (migrations/); `Store.open` upgrades it to head.
 """
 from __future__ import annotations
 
-import json
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -398,6 +397,3 @@ class Store:
             s.execute(sa.delete(WebhookRow).where(WebhookRow.processed.is_(True), WebhookRow.received_at < before))
             s.commit()
 
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, default=str)

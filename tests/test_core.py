@@ -232,3 +232,12 @@ async def test_randomisation_offset_is_drawn_once_and_delays_the_limit(rig, brid
     await wait_for(lambda: calls(rig, "A"), 15)
     sent = [r.at for r in rig.sim.requests if r.path.endswith("set_power_limit")][0]
     assert sent >= first.effective_start.timestamp() - 0.1
+
+
+@pytest.mark.parametrize("rig", [one_station()], indirect=True)
+async def test_release_all_never_resends_an_old_limit_on_a_station_it_no_longer_knows(rig, bridge):
+    bridge.store.save_session_state("S-GONE", chargestation_id="not-configured", resource_id="X", limited=True,
+                                    unit="current", limit=8)
+    await bridge.engine.release_all(timeout=2)
+    assert [c for c in rig.sim.limit_calls() if c[0] == "S-GONE"] == []
+    assert [s.session_id for s in bridge.store.session_states(limited_only=True)] == ["S-GONE"]
