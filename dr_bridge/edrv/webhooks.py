@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -82,18 +83,27 @@ def verify(header: str | None, body: bytes, secret: str, now: float) -> str:
     raise BadWebhook(401, "edrv-signature v1 does not match")
 
 
+# A JSON-escaped NUL (an odd number of backslashes before u0000): PostgreSQL text cannot hold it, and no
+# real eDRV id or status contains one.
+_ESCAPED_NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+
+
 def parse(body: bytes) -> Envelope:
+    if _ESCAPED_NUL.search(body):
+        raise BadWebhook(400, "body contains a NUL character")
     try:
         obj = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadWebhook(400, f"body is not JSON ({exc.__class__.__name__})") from None
+    except RecursionError:  # a hostile body nested thousands deep
+        raise BadWebhook(400, "body is nested too deeply") from None
     if not isinstance(obj, dict):
         raise BadWebhook(400, "body is not a JSON object")
     wid, wtype, data = obj.get("_id"), obj.get("type"), obj.get("data")
     if isinstance(data, str):  # documented as "string" once; accept an embedded JSON document
         try:
             data = json.loads(data)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             raise BadWebhook(400, "data is a string but not JSON") from None
     if not isinstance(wid, str) or not wid or not isinstance(wtype, str) or not wtype:
         raise BadWebhook(400, "envelope lacks _id or type")
