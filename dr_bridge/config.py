@@ -7,6 +7,7 @@ environment variables, and the accessors read them on demand.
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import re
 import tomllib
@@ -393,10 +394,15 @@ def _and_more(message: str, problems: list[Any]) -> str:
     return f"{message} (and {more} more problem{'s' if more > 1 else ''})" if more else message
 
 
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
 def _key_path(loc: list[Any], extra: str | None = None) -> str:
     path = ""
     for index, part in enumerate(loc):
         in_list = isinstance(part, int) and index > 0 and loc[index - 1] == "chargestations"
+        if isinstance(part, str) and not _BARE_KEY.match(part):
+            part = json.dumps(part)  # quoted as TOML would: a key with a newline must not break the line
         path += f"[{part}]" if in_list else (f".{part}" if path else str(part))
     if extra:
         path += extra if extra.startswith("[") else (f".{extra}" if path else extra)
