@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 
 import pytest
@@ -48,3 +49,10 @@ def db_url(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'bridge.db'}"
     return request.getfixturevalue("pg_url")
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The fault-injection suite's counts, where CI's log shows them."""
+    faults = sys.modules.get("tests.test_faults")
+    if faults is not None and faults.TALLY.runs:
+        terminalreporter.write_line(faults.TALLY.summary())

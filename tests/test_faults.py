@@ -1,0 +1,203 @@
+"""Fault injection (`pytest -m faults`): eDRV errors, 429 storms, latency and timeouts, a VTN restart, the
+database going away, and SIGKILL at random points of a 200-session event.
+
+Events are compressed to seconds. Every run ends with the same check: each session received its planned limit
+(answered 2xx by eDRV) and, after the end, its restore was the last call and the EV is unlimited again.
+"""
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from dr_bridge.daemon import Bridge
+from dr_bridge.rig import API_KEY, Rig, StationSpec, wait_for
+from tests.test_restart import spawn, until  # noqa: F401  (spawn is a fixture)
+
+pytestmark = pytest.mark.faults
+
+LEVEL2 = 16  # level 2 = half of 32 A; the rig's stations have one session each unless said otherwise
+
+
+@dataclass
+class Tally:
+    """What the suite checked; tests/conftest.py prints it at the end of the run."""
+
+    runs: int = 0
+    faults: dict[str, int] = field(default_factory=dict)
+    sessions: int = 0
+
+    def add(self, fault: str, sessions: int) -> None:
+        self.runs += 1
+        self.faults[fault] = self.faults.get(fault, 0) + 1
+        self.sessions += sessions
+
+    def summary(self) -> str:
+        faults = ", ".join(f"{k}: {v}" for k, v in sorted(self.faults.items()))
+        return f"fault injection: {self.runs} runs, {self.sessions} sessions checked ({faults})"
+
+
+TALLY = Tally()
+
+
+def soon(seconds: float) -> datetime:
+    return datetime.now(timezone.utc).replace(microsecond=0) + timedelta(seconds=seconds)
+
+
+def stations(n: int, per_station: int = 1) -> list[StationSpec]:
+    """Half physical, half simulator stations, so both restore paths are exercised."""
+    return [StationSpec(f"R{i:03d}", simulator=bool(i % 2), sessions=per_station) for i in range(n)]
+
+
+def planned_limit(rig: Rig, resource: str) -> float:
+    spec = next(s for s in rig.stations if s.resource_id == resource)
+    return spec.max_current / 2 / spec.sessions
+
+
+def check_applied_and_restored(rig: Rig, fault: str) -> int:
+    """Every session got its planned limit and then its restore, in that order; returns sessions checked."""
+    ok_calls: dict[str, list[tuple[str, dict]]] = {}
+    for r in rig.sim.requests:
+        parts = r.path.split("/")
+        if r.method == "POST" and len(parts) == 5 and parts[4] in ("set_power_limit", "clear_power_limit") \
+                and r.status is not None and 200 <= r.status < 300:
+            ok_calls.setdefault(parts[3], []).append((parts[4], r.json or {}))
+    checked = 0
+    for spec in rig.stations:
+        limit = planned_limit(rig, spec.resource_id)
+        for sid in rig.sessions[spec.resource_id]:
+            got = ok_calls.get(sid, [])
+            wanted = ("set_power_limit", {"unit": "current", "limit": limit})
+            assert wanted in got, f"{fault}: session {sid} on {spec.resource_id} never got {limit} A: {got}"
+            last = got[-1]
+            restore = ("set_power_limit", {"unit": "current", "limit": spec.max_current})
+            assert last == restore or (not spec.simulator and last == ("clear_power_limit", {})), \
+                f"{fault}: session {sid} on {spec.resource_id} was not restored last: {got}"
+            assert sid not in still_limited(rig), f"{fault}: session {sid} is still limited"
+            checked += 1
+    TALLY.add(fault, checked)
+    return checked
+
+
+def still_limited(rig: Rig) -> list[str]:
+    """Unlimited means no limit, or the station's maximum (simulator stations, and physical ones whose kind
+    could not be read: CONTRACT.md restores those with set_power_limit to max_current)."""
+    return [sid for spec in rig.stations for sid in rig.sessions[spec.resource_id]
+            if rig.sim.session_limit(sid) not in (None, spec.max_current)
+            or (spec.simulator and rig.sim.session_limit(sid) is None)]
+
+
+async def everyone_restored(rig: Rig, timeout: float) -> None:
+    try:
+        await wait_for(lambda: not still_limited(rig), timeout)
+    except TimeoutError:
+        left = still_limited(rig)
+        history = {sid: [(r.path.rsplit("/", 1)[-1], r.json, r.status) for r in rig.sim.requests
+                         if f"/sessions/{sid}/" in r.path] for sid in left[:3]}
+        raise AssertionError(f"{len(left)} session(s) still limited after {timeout} s: {history}") from None
+
+
+async def run_event(rig: Rig, bridge: Bridge, length_s: float = 6) -> datetime:
+    start = soon(2)
+    rig.vtn.add_event(bridge.ven.ven_id, intervals=[(start, timedelta(seconds=length_s), 2)])
+    return start + timedelta(seconds=length_s)
+
+
+@pytest.fixture
+async def rig(tmp_path, request):
+    spec = getattr(request, "param", None) or {}
+    r = Rig(tmp_path, spec.get("stations") or stations(20),
+            bridge_options=spec.get("bridge", {}), edrv_options={"limit_retries": 5, **spec.get("edrv", {})})
+    await r.start()
+    yield r
+    await r.stop()
+
+
+@pytest.fixture
+async def bridge(rig):
+    b = Bridge(rig.config(), API_KEY, vtn_backoff_s=0.2)
+    await b.start()
+    await wait_for(lambda: b.ven.registered, 15)
+    yield b
+    await b.stop()
+
+
+# --- eDRV misbehaving ------------------------------------------------------------------------------------
+
+EDRV_FAULTS = {
+    "eDRV answers 20% 5xx": dict(error_rate=0.2),
+    "429 storm with Retry-After": dict(rate_limit_rate=0.5, retry_after_s=0.5),
+    "2 s latency": dict(latency_s=2.0),
+}
+
+
+@pytest.mark.parametrize("fault", list(EDRV_FAULTS))
+async def test_edrv_faults_still_limit_and_restore_everyone(rig, bridge, fault):
+    rig.sim.faults.update(**EDRV_FAULTS[fault])
+    await run_event(rig, bridge)
+    await everyone_restored(rig, 60)
+    await bridge.engine.settle()
+    check_applied_and_restored(rig, fault)
+
+
+@pytest.mark.parametrize("rig", [{"edrv": {"request_timeout_s": 1}}], indirect=True)
+async def test_timeouts_then_recovery(rig, bridge):
+    rig.sim.faults.update(latency_s=3.0)  # every call outlives the client's timeout
+    end = await run_event(rig, bridge, length_s=8)
+    await asyncio.sleep(4)
+    rig.sim.faults.update(latency_s=0.0)  # eDRV recovers mid-event
+    await wait_for(lambda: datetime.now(timezone.utc) > end, 20)
+    await everyone_restored(rig, 60)
+    await bridge.engine.settle()
+    check_applied_and_restored(rig, "request timeouts")
+
+
+# --- the VTN restarting ---------------------------------------------------------------------------------
+
+async def test_vtn_restart_mid_event_keeps_the_limit_and_restores(rig, bridge):
+    end = await run_event(rig, bridge, length_s=10)
+    await wait_for(lambda: len(rig.sim.limit_calls()) >= len(rig.stations), 20)
+    await rig.vtn.stop()
+    await asyncio.sleep(3)
+    # Still limited while the VTN is away: the event is ours to carry out.
+    assert all(rig.sim.session_limit(s) == LEVEL2 for ids in rig.sessions.values() for s in ids)
+    await rig.vtn.start()
+    await wait_for(lambda: datetime.now(timezone.utc) > end, 20)
+    await everyone_restored(rig, 30)
+    check_applied_and_restored(rig, "VTN restart mid-event")
+
+
+# --- SIGKILL at random points of a 200-session event -----------------------------------------------------
+
+KILL_RUNS = 20
+
+
+@pytest.mark.parametrize("run", range(KILL_RUNS))
+async def test_sigkill_at_a_random_point_then_restart(tmp_path, spawn, run):
+    rnd = random.Random(run)
+    r = Rig(tmp_path, stations(100, per_station=2), edrv_options={"limit_retries": 5})
+    await r.start()
+    try:
+        config = r.write_config(tmp_path / "dr-bridge.toml")
+        first = await spawn("run", "--config", str(config))
+        await until(lambda: r.vtn.registrations, 30, first, "registration")
+        ven_id = r.vtn.registrations[0]["ven_id"]
+        start, length = soon(3), 6
+        end = start + timedelta(seconds=length)
+        r.vtn.add_event(ven_id, intervals=[(start, timedelta(seconds=length), 2)])
+        # Anywhere from just after the VTN queued the event to just after its end.
+        kill_at = datetime.now(timezone.utc) + timedelta(seconds=rnd.uniform(0, (end - start).total_seconds() + 5))
+        await until(lambda: datetime.now(timezone.utc) >= kill_at, 30, first, "the kill time")
+        await first.sigkill()
+        await asyncio.sleep(rnd.uniform(0, 2))
+        second = await spawn("run", "--config", str(config))
+        await until(lambda: datetime.now(timezone.utc) > end, 30, second, "the end of the event")
+        await everyone_restored(r, 60)
+        checked = check_applied_and_restored(r, "SIGKILL at a random point")
+        assert checked == 200
+        assert second.alive
+    finally:
+        await r.stop()
