@@ -152,7 +152,11 @@ class Reporter:
                           row.id, row.event_id, row.resource_id)
                 self._given_up.add(row.id)
                 continue
-            acknowledged, what = await self._send(row)
+            try:
+                acknowledged, what = await self._send(row)
+            except Exception:  # counted as a failed attempt, so a bad row cannot spin
+                log.exception("sending opt-out %d failed", row.id)
+                acknowledged, what = False, f"opt-out {row.id}"
             attempts = row.attempts + 1
             self.store.update_opt_out(row.id, sent=True, acknowledged=acknowledged, attempts=attempts)
             if acknowledged:
@@ -212,6 +216,8 @@ class Reporter:
 
     def _rows(self, row: EventRow, ev: Event, windows: list[_Window]) -> list[PerformanceRow]:
         stations = select_stations(ev, self.stations, row.ven_id)
+        if not stations:
+            return []
         by_id = {s.id: s for s in stations}
         by_resource: dict[str, list[Station]] = defaultdict(list)
         for s in stations:

@@ -70,6 +70,17 @@ async def test_a_station_that_refuses_its_limit_is_reported_once_and_not_limited
     assert (row["resource_id"], row["source"], row["sent"], row["acknowledged"]) == ("A", "automatic", True, True)
 
 
+@pytest.mark.parametrize("rig", [{"webhooks": True}], indirect=True)
+async def test_a_station_that_goes_offline_mid_event_is_reported_as_an_outage(rig, bridge):
+    event_id = rig.vtn.add_event(bridge.ven.ven_id, intervals=[(soon(2), timedelta(seconds=60), 2)])
+    await wait_for(lambda: calls(rig, "A") and calls(rig, "B"), 15)
+    rig.sim.set_online(rig.station_ids["A"], False)
+    await wait_for(lambda: opts_for(rig, "A"), 10)
+    (opt,) = rig.vtn.opts
+    assert (opt["event_id"], opt["opt_type"], opt["opt_reason"]) == (event_id, "optOut", "outageRunStatus")
+    assert opts_for(rig, "B") == []
+
+
 async def test_operator_opt_outs_reach_the_vtn_and_restore_within_5_seconds(rig, bridge, tmp_path):
     s = soon(2)
     event_id = rig.vtn.add_event(bridge.ven.ven_id, intervals=[(s, timedelta(seconds=60), 2)])
