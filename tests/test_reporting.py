@@ -15,7 +15,6 @@ from dr_bridge.cli import app
 from dr_bridge.daemon import Bridge
 from dr_bridge.eventlog import event_detail, iso, parse_iso
 from dr_bridge.rig import API_KEY, Rig, StationSpec, wait_for
-from dr_bridge.store import OptOutRow
 from tests.test_core import calls, soon
 
 KW_AT_16A = 16 * 230 * 3 / 1000  # 11.04 kW: a 32 A three-phase station at level 2
