@@ -130,35 +130,39 @@ def events_show(event_id: str, config: str = ConfigOpt, as_json: bool = typer.Op
         views.print_event_detail(views.console(), detail)
 
 
-@app.command("opt-out", help="Opt a resource (or a whole event) out; the daemon acts on it within 5 s.")
-def opt_out_command(event_id: Optional[str] = typer.Argument(None), config: str = ConfigOpt,
-                    resource: List[str] = typer.Option([], "--resource"),
-                    from_: Optional[str] = typer.Option(None, "--from"), until: Optional[str] = typer.Option(None),
-                    reason: str = typer.Option("overrideStatus", "--reason")) -> None:
+@app.command("opt-out", help="Opt resources (or a whole event) out, or declare them unavailable for a while; "
+                              "a running daemon acts on it within 5 s and reports it to the VTN.")
+def opt_out_command(event_id: Optional[str] = typer.Argument(None, help="The event; or give --from/--until."),
+                    config: str = ConfigOpt,
+                    resource: List[str] = typer.Option([], "--resource", help="A resource_id; repeat for more. "
+                                                       "None: the whole event (or every resource)."),
+                    from_: Optional[str] = typer.Option(None, "--from", help="ISO time: unavailable from."),
+                    until: Optional[str] = typer.Option(None, "--until", help="ISO time: unavailable until."),
+                    reason: Optional[str] = typer.Option(None, "--reason", help="An OpenADR opt reason "
+                                                         "(overrideStatus, notParticipating, ...) or free text."),
+                    debug: bool = DebugOpt) -> None:
     from dr_bridge.eventlog import parse_iso
-    from dr_bridge.store import OptOutRow
+    from dr_bridge.optout import OptOutError, declare_unavailable, opt_out_of_event
 
     cfg = config_or_exit(config)
-    if (event_id is None) == (from_ is None or until is None):
-        fail("give exactly one of EVENT_ID or the --from/--until window", 2)
+    window = from_ is not None or until is not None
+    if (event_id is None) == (not window) or (window and (from_ is None or until is None)):
+        fail("give exactly one of EVENT_ID or the --from/--until window (both --from and --until)", 2)
+    try:
+        start, end = parse_iso(from_), parse_iso(until)
+    except ValueError:
+        fail("--from/--until: not ISO 8601 times (e.g. 2026-11-25T17:00:00Z)", 2)
     store = open_store(cfg)
-    if event_id is not None:
-        ev = store.get_event(event_id)
-        if ev is None:
-            fail(f"no event {event_id!r} in the event log")
-        for r in resource or [None]:
-            store.add_opt_out(OptOutRow(event_id=event_id, modification_number=ev.modification_number,
-                                        resource_id=r, reason=reason, source="operator"))
-        Console().print(f"opt-out recorded for event {event_id}: {', '.join(resource) or 'the whole event'}")
-    else:
-        try:
-            start, end = parse_iso(from_), parse_iso(until)
-        except ValueError:
-            fail("--from/--until: not ISO 8601 times", 2)
-        for r in resource or [s.resource_id for s in cfg.stations()]:
-            store.add_opt_out(OptOutRow(resource_id=r, window_start=start, window_end=end, reason=reason,
-                                        source="operator"))
-        Console().print(f"unavailability recorded from {from_} until {until}")
+    try:
+        if event_id is not None:
+            message = opt_out_of_event(cfg, store, event_id, resource, reason)
+        else:
+            message = declare_unavailable(cfg, store, resource, start, end, reason)
+    except OptOutError as exc:
+        fail(str(exc), exc.code)
+    finally:
+        store.close()
+    Console().print(message, markup=False, highlight=False)
 
 
 @app.command("demo", help="A full event against a local VTN and the eDRV simulator, in under a minute.")

@@ -80,6 +80,9 @@ class VtnSection(_Section):
     key: str | None = None
     ca_file: str | None = None
     vtn_fingerprint: str | None = None
+    # TELEMETRY_USAGE (kW per resource) is offered to the VTN at any sampling interval from this many seconds
+    # up to an hour; the VTN picks. 0: offer no telemetry.
+    telemetry_min_sampling_s: float = Field(10.0, ge=0, le=3600)
 
     @field_validator("url")
     @classmethod

@@ -4,13 +4,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from datetime import datetime
+from datetime import datetime, timedelta
+from functools import partial
 from typing import Callable
 
 from dr_bridge.config import Config
 from dr_bridge.edrv.client import EdrvClient
 from dr_bridge.engine import Engine
-from dr_bridge.openadr import Ven
+from dr_bridge.openadr import Telemetry, Ven
+from dr_bridge.reporting import Reporter, resource_power_kw
 from dr_bridge.store import Store, normalise_url, utcnow
 
 log = logging.getLogger("dr_bridge")
@@ -34,9 +36,19 @@ class Bridge:
                        registration_id=state.registration_id, cert=cfg.vtn.cert or None, key=cfg.vtn.key or None,
                        ca_file=cfg.vtn.ca_file or None, vtn_fingerprint=cfg.vtn.vtn_fingerprint or None,
                        on_event=self.engine.handle_event, on_registered=self.engine.registered,
-                       on_event_list=self.engine.handle_event_list, backoff_initial_s=vtn_backoff_s)
+                       on_event_list=self.engine.handle_event_list, telemetry=self._telemetry(cfg),
+                       backoff_initial_s=vtn_backoff_s)
+        self.reporter = Reporter(cfg, self.store, self.ven, dry_run=dry_run)
         self.http = HttpServer(cfg, self, self.metrics) if http else None
         self._ven_task: asyncio.Task | None = None
+
+    def _telemetry(self, cfg: Config) -> Telemetry | None:
+        if not cfg.vtn.telemetry_min_sampling_s:
+            return None
+        stations = cfg.stations()
+        resources = sorted({s.resource_id for s in stations})
+        return Telemetry(resources, partial(resource_power_kw, self.store, stations),
+                         min_sampling=timedelta(seconds=cfg.vtn.telemetry_min_sampling_s))
 
     def _observe_call(self, op: str, latency_s: float, outcome: str) -> None:
         self.metrics.edrv_latency.labels(op=op, outcome=outcome).observe(latency_s)
@@ -48,8 +60,10 @@ class Bridge:
         if self.http is not None:
             await self.http.start()
         self._ven_task = asyncio.create_task(self.ven.run(), name="ven")
+        await self.reporter.start()
 
     async def stop(self, restore: bool = False) -> list[str]:
+        await self.reporter.stop()
         left = await self.engine.stop(restore=restore)
         try:
             await asyncio.wait_for(self.ven.stop(), 3)

@@ -25,6 +25,7 @@ from dr_bridge.edrv.models import Session
 from dr_bridge.edrv.webhooks import Envelope, action_status
 from dr_bridge.eventlog import event_from_json, event_to_json, iso
 from dr_bridge.policy import UnsupportedSignal, is_supported, most_restrictive, share, station_limit
+from dr_bridge.reporting import overlapping
 from dr_bridge.store import EventRow, IntervalRow, OptOutRow, ReadingRow, Store, utcnow
 from dr_bridge.targets import select_stations
 
@@ -182,6 +183,8 @@ class Engine:
         elif not any(is_supported(i.signal_name, i.signal_type) for i in ev.intervals):
             names = sorted({f"{i.signal_name}/{i.signal_type}" for i in ev.intervals}) or ["none"]
             opt, reason = OPT_OUT, f"no supported signal ({', '.join(names)})"
+        elif any(o.resource_id is None for o in self.store.opt_outs(ev.event_id)):
+            opt, reason = OPT_OUT, "opted out by the operator"  # a modification does not undo that
         elif self.dry_run:
             opt = OPT_IN if self.cfg.bridge.dry_run_opt == "in" else OPT_OUT
             reason = "dry run: planned, not sent"
@@ -193,6 +196,7 @@ class Engine:
         live = LiveEvent(ev, offset, opt, reason, status, dry, {s.id for s in stations},
                          prev.opted_out if prev else set())
         self.events[ev.event_id] = live
+        self._skip_unavailable(live, self.store.availability_windows(ev.start))
         self._persist(live)
         verb = "received" if row is None else ("cancelled" if ev.cancelled else "modified")
         log.info("event %s %s (modification %d): %s, %s; %s", ev.event_id, verb, ev.modification_number,
@@ -345,7 +349,7 @@ class Engine:
         elif kind in ("session.started", "session.updated"):
             self._session_seen(Session.from_json(env.data), env)
         elif kind in ("session.ended", "session.cancelled"):
-            self._session_gone(Session.from_json(env.data))
+            self._session_gone(Session.from_json(env.data), env.created_at or utcnow())
         elif kind in ("chargestation.offline", "chargestation.online"):
             await self._station_link(str(env.data.get("_id") or ""), kind.endswith("online"))
         else:
@@ -380,7 +384,7 @@ class Engine:
                                               power_kw=session.power_kw, current_a=session.current_a))
         if not session.running:
             if session.status and session.status.lower() in ("ended", "cancelled"):
-                self._session_gone(session)
+                self._session_gone(session, session.energy_report_at or env.created_at or utcnow())
             return
         known = self.running.setdefault(station_id, [])
         if session.id not in known:
@@ -390,8 +394,12 @@ class Engine:
                 log.info("session %s started on %s during an event: sharing its budget", session.id, station_id)
                 self.kick()
 
-    def _session_gone(self, session: Session) -> None:
+    def _session_gone(self, session: Session, at: datetime | None = None) -> None:
         station_id = session.chargestation_id
+        if at is not None and station_id in self.stations and session.id:
+            # A 0 kW reading marks the end, so measured power does not hold the last report for a while.
+            self.store.add_reading(ReadingRow(at=at, session_id=session.id, chargestation_id=station_id,
+                                              power_kw=0.0, current_a=0.0))
         if station_id in self.running and session.id in self.running[station_id]:
             self.running[station_id].remove(session.id)
             self.kick()  # the remaining sessions get a bigger share
@@ -414,7 +422,8 @@ class Engine:
             return
         for live in self.events.values():
             if live.acting and live.status == ACTIVE and station_id in live.station_ids:
-                await self._noncompliant("", station, live.event.event_id, "station offline (outageRunStatus)")
+                await self._noncompliant("", station, live.event.event_id, "station offline (outageRunStatus)",
+                                         opt_reason="outageRunStatus")
                 live.offline.add(station.resource_id)
 
     async def _expire_unanswered(self) -> None:
@@ -442,7 +451,8 @@ class Engine:
         return self.dispatcher.overdue(2 * self.cfg.edrv.action_timeout_s)
 
     # --- opt-outs ----------------------------------------------------------------------------------------
-    async def _noncompliant(self, session_id: str, station: Station, event_id: str | None, reason: str) -> None:
+    async def _noncompliant(self, session_id: str, station: Station, event_id: str | None, reason: str,
+                            opt_reason: str = "notParticipating") -> None:
         live = self.events.get(event_id) if event_id else None
         if live is None or station.resource_id in live.opted_out:
             return
@@ -450,8 +460,8 @@ class Engine:
                     station.resource_id, event_id, reason)
         live.opted_out.add(station.resource_id)
         self.store.add_opt_out(OptOutRow(event_id=event_id, modification_number=live.event.modification_number,
-                                         resource_id=station.resource_id, reason=reason, source="automatic",
-                                         applied=True))
+                                         resource_id=station.resource_id, reason=reason, opt_reason=opt_reason,
+                                         source="automatic", applied=True))
         self.kick()
 
     async def _apply_operator_opt_outs(self) -> None:
@@ -462,6 +472,31 @@ class Engine:
                     live.opted_out.add(row.resource_id)
                 else:
                     live.opted_out |= {self.stations[s].resource_id for s in live.station_ids}
+                    live.opt, live.reason = OPT_OUT, "opted out by the operator"
+                    self._persist(live)
+                    self._schedule(live)
                 log.info("operator opt-out applied: event %s resource %s", row.event_id, row.resource_id or "(all)")
+            elif row.event_id is None and row.window_start is not None:
+                for live in self.events.values():
+                    if live.status in (PENDING, ACTIVE):
+                        self._skip_unavailable(live, [row])
             self.store.update_opt_out(row.id, applied=True)
             self.kick()
+
+    def _skip_unavailable(self, live: LiveEvent, windows: list[OptOutRow]) -> None:
+        """Resources the operator declared unavailable during the event are not limited in it; the
+        opt-out recorded for the event tells the event log, and the VTN, why."""
+        ev = live.event
+        start = schedule.effective_start(ev, live.offset_s)
+        end = schedule.effective_end(ev, live.offset_s, self.cfg.bridge.max_event_hours)
+        targeted = {self.stations[s].resource_id for s in live.station_ids}
+        for resource_id, window in overlapping(windows, start, end).items():
+            if resource_id not in targeted or resource_id in live.opted_out or ev.cancelled:
+                continue
+            live.opted_out.add(resource_id)
+            reason = f"unavailable from {iso(window.window_start)} until {iso(window.window_end)}"
+            self.store.add_opt_out(OptOutRow(event_id=ev.event_id, modification_number=ev.modification_number,
+                                             resource_id=resource_id, reason=reason, opt_reason=window.opt_reason,
+                                             source="operator", applied=True))
+            log.info("event %s: resource %s is skipped: %s (operator availability)", ev.event_id, resource_id,
+                     reason)

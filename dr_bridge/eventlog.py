@@ -76,8 +76,16 @@ def event_detail(store: Store, event_id: str) -> dict[str, Any] | None:
                        "limit": a.limit, "status": a.status, "attempts": a.attempts, "detail": a.detail,
                        "edrv_action_id": a.edrv_action_id} for a in store.actions(event_id=event_id)]
     out["opt_outs"] = [{"at": iso(o.at), "resource_id": o.resource_id, "reason": o.reason, "source": o.source,
-                        "sent": o.sent, "acknowledged": o.acknowledged} for o in store.opt_outs(event_id)]
-    out["performance"] = []
+                        "sent": o.sent, "acknowledged": o.acknowledged, "opt_reason": o.opt_reason,
+                        "modification_number": o.modification_number, "attempts": o.attempts}
+                       for o in store.opt_outs(event_id)]
+    out["performance"] = [{"resource_id": p.resource_id, "interval_start": iso(p.interval_start),
+                           "baseline_kw": p.baseline_kw, "mean_kw": p.mean_kw, "reduction_kw": p.reduction_kw,
+                           "reduction_pct": p.reduction_pct, "requested_kw": p.requested_kw,
+                           "signal_name": p.signal_name, "signal_type": p.signal_type,
+                           "window_start": iso(p.window_start), "window_end": iso(p.window_end),
+                           "baseline_start": iso(p.baseline_start), "baseline_end": iso(p.baseline_end)}
+                          for p in store.performance(event_id)]
     return out
 
 

@@ -1,7 +1,8 @@
 """A local OpenADR 2.0b VTN on openleadr's own OpenADRServer, for the tests and `dr-bridge demo`.
 
 It is the stock openleadr VTN plus what the stock one lacks: an EiOpt service that accepts opts, a record of
-every oadrCreatedEvent answer, event modification and silent removal, and empty event distributions.
+every oadrCreatedEvent answer and of every telemetry value, event modification and silent removal, and empty
+event distributions.
 """
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ import time
 import warnings
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
+from functools import partial
 from typing import TypeVar
 
 from aiohttp import web
-from openleadr import OpenADRServer, objects, utils
+from openleadr import OpenADRServer, errors, objects, utils
 from openleadr.service import OptService, handler
 
 log = logging.getLogger(__name__)
@@ -77,9 +79,13 @@ class _AcceptingOptService(OptService):
     def __init__(self, vtn_id: str, record: Callable[[dict], None]):
         super().__init__(vtn_id)
         self._record = record
+        self.refuse = 0  # answer the next n opts with HTTP 503
 
     @handler("oadrCreateOpt")
     async def create_opt(self, payload: dict) -> tuple[str, dict]:
+        if self.refuse > 0:
+            self.refuse -= 1
+            raise errors.HTTPError(503, "opt service unavailable (test)")
         self._record(payload)
         return "oadrCreatedOpt", {"opt_id": payload["opt_id"]}
 
@@ -92,7 +98,8 @@ class LocalVtn:
     """One in-process VTN. Create, `await start()`, add events for a registered VEN, `await stop()`."""
 
     def __init__(self, vtn_id: str = "DR-BRIDGE-LOCAL-VTN", host: str = "127.0.0.1", port: int = 0,
-                 poll_s: float = 1) -> None:
+                 poll_s: float = 1, telemetry_s: float | None = None) -> None:
+        """telemetry_s: the sampling interval to request for offered TELEMETRY_USAGE; None declines them."""
         if vtn_id.islower():
             # openleadr 0.5.36 VENs answer a lowercase vtnID with eiResponse 452.
             raise ValueError("vtn_id must not be all lowercase")
@@ -103,6 +110,9 @@ class LocalVtn:
         self.registrations: list[dict] = []  # every accepted oadrCreatePartyRegistration
         self.opts: list[dict] = []  # every oadrCreateOpt
         self.responses: list[dict] = []  # every oadrCreatedEvent answer: ven_id, event_id, opt_type
+        self.telemetry_s = telemetry_s
+        self.report_offers: list[dict] = []  # every offered report value: ven_id, resource_id, measurement, ...
+        self.telemetry: list[dict] = []  # every received value: ven_id, resource_id, measurement, at, value
         self._vens: dict[str, dict] = {}
         self._event_ven: dict[str, str] = {}  # event_id -> ven_id
         self._started = False
@@ -114,9 +124,10 @@ class LocalVtn:
                                         requested_poll_freq=timedelta(seconds=poll_s),
                                         ven_lookup=self._ven_lookup, verify_message_signatures=False)
         self.server.add_handler("on_create_party_registration", self._on_create_party_registration)
+        self.server.add_handler("on_register_report", self._on_register_report)
 
         # aiohttp freezes the router on start, so EiOpt must be routed now.
-        opt_service = _AcceptingOptService(vtn_id, self._record_opt)
+        opt_service = self._opt_service = _AcceptingOptService(vtn_id, self._record_opt)
         self.server.services["opt_service"] = opt_service
         self.server.app.router.add_post(f"{self.server.http_path_prefix}/EiOpt", opt_service.handler)
 
@@ -239,6 +250,10 @@ class LocalVtn:
             self.server.event_callbacks[event_id] = (event, on_response)
         return on_response
 
+    def refuse_opts(self, n: int = 1) -> None:
+        """Answer the next n oadrCreateOpt with HTTP 503 (they are not recorded in `opts`)."""
+        self._opt_service.refuse = n
+
     def _record_opt(self, payload: dict) -> None:
         self.opts.append({"ven_id": payload.get("ven_id"), "opt_id": payload.get("opt_id"),
                           "event_id": payload.get("event_id"),
@@ -247,6 +262,27 @@ class LocalVtn:
                           "resource_ids": _resource_ids(payload),
                           "targets": copy.deepcopy(payload.get("targets")),
                           "vavailability": _vavailability(payload)})
+
+    # ---- reports ----------------------------------------------------------------------------------------
+
+    def _on_register_report(self, ven_id: str, resource_id: str, measurement: str, unit: str | None,
+                            scale: str | None, min_sampling_interval: timedelta,
+                            max_sampling_interval: timedelta) -> tuple | None:
+        # openleadr calls this "compact" form once per offered r_id (it recognises it by the argument names).
+        self.report_offers.append({"ven_id": ven_id, "resource_id": resource_id, "measurement": measurement,
+                                   "unit": unit, "scale": scale, "min_sampling": min_sampling_interval,
+                                   "max_sampling": max_sampling_interval})
+        if self.telemetry_s is None or measurement == "Status":
+            return None
+        wanted = timedelta(seconds=self.telemetry_s)
+        sampling = min(max(wanted, min_sampling_interval), max_sampling_interval)
+        return partial(self._record_values, ven_id=ven_id, resource_id=resource_id, measurement=measurement), \
+            sampling
+
+    def _record_values(self, data: list, ven_id: str, resource_id: str, measurement: str) -> None:
+        for at, value in data:
+            self.telemetry.append({"ven_id": ven_id, "resource_id": resource_id, "measurement": measurement,
+                                   "at": at, "value": value})
 
     # ---- test helper ------------------------------------------------------------------------------------
 

@@ -2,18 +2,21 @@
 
 openleadr (0.5.36) does the XML, polling and event bookkeeping; this module adds what the bridge needs on
 top of it: a registration loop that survives a VTN that is down, a copy of each event into domain types,
-implied-cancellation detection, and single-resource opt-outs.
+implied-cancellation detection, single-resource opt-outs and TELEMETRY_USAGE reports.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import copy
+import dataclasses
 import inspect
 import logging
 import random
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from functools import partial
 from typing import Any
 
 from openleadr import OpenADRClient, enums, objects, utils
@@ -31,6 +34,19 @@ OPT_TYPES = ("optIn", "optOut")
 OnEvent = Callable[[Event], Awaitable[tuple[str, str]]]
 OnRegistered = Callable[[str, str], Awaitable[None] | None]
 OnEventList = Callable[[set[str]], Awaitable[None] | None]
+
+TELEMETRY_REPORT_ID = "dr-bridge-telemetry-usage"  # stable, so a VTN sees the same report after a restart
+
+
+@dataclass(frozen=True)
+class Telemetry:
+    """TELEMETRY_USAGE offered to the VTN: real power in kW per resource, sent at the rate the VTN asks for
+    within [min_sampling, max_sampling]. read_kw(resource_id) gives the power now, None when unknown."""
+
+    resource_ids: list[str]
+    read_kw: Callable[[str], float | None]
+    min_sampling: timedelta = timedelta(seconds=10)
+    max_sampling: timedelta = timedelta(hours=1)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -217,6 +233,12 @@ class _Client(OpenADRClient):
         if not self.registration_id:
             log.warning("re-registration with the VTN failed; will retry when the VTN asks again")
             return
+        # The VTN asks for reports afresh; the old requests' jobs would keep sending to ids it forgot.
+        for request in self.report_requests:
+            if request.get("job") is not None:
+                with contextlib.suppress(Exception):
+                    request["job"].remove()
+        self.report_requests.clear()
         if self.reports:
             await self.register_reports(self.reports)
         await self.sync_events()
@@ -234,7 +256,7 @@ class Ven:
                  registration_id: str | None = None, cert: str | None = None, key: str | None = None,
                  ca_file: str | None = None, vtn_fingerprint: str | None = None,
                  on_event: OnEvent, on_registered: OnRegistered | None = None,
-                 on_event_list: OnEventList | None = None,
+                 on_event_list: OnEventList | None = None, telemetry: Telemetry | None = None,
                  backoff_initial_s: float = 1.0, backoff_max_s: float = 60.0) -> None:
         if cert and not ca_file:
             # openleadr builds its TLS context only when cert is given, and then needs a CA file.
@@ -248,6 +270,7 @@ class Ven:
         self._on_event = on_event
         self._on_registered = on_registered
         self._on_event_list = on_event_list
+        self._telemetry = telemetry
         self._backoff_initial_s = backoff_initial_s
         self._backoff_max_s = backoff_max_s
         self._client: _Client | None = None
@@ -330,6 +353,8 @@ class Ven:
         client.add_handler("on_event", self._handle_event)
         client.add_handler("on_update_event", self._handle_event)
         client.add_hook("after_parse_xml", self._after_parse_xml)
+        if self._telemetry is not None:
+            self._offer_telemetry(client, self._telemetry)
         openleadr_poll = client._poll
 
         async def guarded_poll() -> None:
@@ -344,6 +369,28 @@ class Ven:
 
         client._poll = guarded_poll  # run() schedules client._poll, so the instance attribute wins
         return client
+
+    def _offer_telemetry(self, client: _Client, telemetry: Telemetry) -> None:
+        # A private copy: add_report's scale= writes into openleadr's shared enums.MEASUREMENTS object, so
+        # otherwise the last scale given anywhere in the process would win for every report.
+        measurement = dataclasses.replace(enums.MEASUREMENTS.REAL_POWER, scale="k")
+        rate = objects.SamplingRate(min_period=telemetry.min_sampling, max_period=telemetry.max_sampling,
+                                    on_change=False)
+        # One report with one r_id per resource: openleadr's VEN mixes up the r_ids of several reports.
+        for resource_id in telemetry.resource_ids:
+            client.add_report(callback=partial(self._telemetry_value, resource_id), resource_id=resource_id,
+                              r_id=f"{resource_id}/power", report_specifier_id=TELEMETRY_REPORT_ID,
+                              report_name="TELEMETRY_USAGE", measurement=measurement, unit="W", scale="k",
+                              sampling_rate=rate, report_duration=timedelta(hours=1))
+
+    def _telemetry_value(self, resource_id: str) -> list[tuple[datetime, float]]:
+        """openleadr's report callback: [(now, kW)], or no value at all when the power is unknown."""
+        try:
+            kw = self._telemetry.read_kw(resource_id) if self._telemetry else None
+        except Exception:  # a raising callback would stop the whole report for every resource
+            log.exception("reading the power of %s for telemetry failed", resource_id)
+            return []
+        return [] if kw is None else [(datetime.now(timezone.utc), round(kw, 3))]
 
     async def _close_client(self) -> None:
         client = self._client
@@ -411,7 +458,7 @@ class Ven:
     # ---- outgoing opts ----------------------------------------------------------------------------------
 
     async def send_opt(self, event_id: str, modification_number: int, resource_id: str, reason: str,
-                       opt_type: str = "optOut") -> bool:
+                       opt_type: str = "optOut", opt_id: str | None = None) -> bool:
         """oadrCreateOpt for one resource of one event; True when the VTN acknowledged it.
 
         reason must be an OpenADR opt reason (e.g. "notParticipating", "overrideStatus"); other text is sent
@@ -420,19 +467,20 @@ class Ven:
         # One target per message: openleadr renders several as several eiTarget elements, which the
         # schema forbids, so a validating VTN rejects the whole opt (HTTP 400).
         return await self._create_opt(opt_type=opt_type, reason=reason,
-                                      targets=[{"resource_id": resource_id}],
+                                      targets=[{"resource_id": resource_id}], opt_id=opt_id,
                                       event_id=event_id, modification_number=modification_number)
 
     async def send_availability(self, resource_id: str, start: datetime, end: datetime,
-                                reason: str = "notParticipating") -> bool:
+                                reason: str = "notParticipating", opt_id: str | None = None) -> bool:
         """oadrCreateOpt optOut: resource_id is unavailable from start to end (no event id)."""
         start = _as_utc(start)
         window = objects.Vavailability(components=[
             objects.VavailabilityComponent(dtstart=start, duration=_as_utc(end) - start)])
         return await self._create_opt(opt_type="optOut", reason=reason,
-                                      targets=[{"resource_id": resource_id}], vavailability=window)
+                                      targets=[{"resource_id": resource_id}], vavailability=window, opt_id=opt_id)
 
-    async def _create_opt(self, *, opt_type: str, reason: str, targets: list[dict], **kwargs: Any) -> bool:
+    async def _create_opt(self, *, opt_type: str, reason: str, targets: list[dict], opt_id: str | None = None,
+                          **kwargs: Any) -> bool:
         client = self._client
         if client is None or not client.ven_id:
             log.warning("not registered; opt for %s not sent", targets)
@@ -441,12 +489,18 @@ class Ven:
             raise ValueError(f"opt_type must be optIn or optOut, not {opt_type!r}")
         if reason not in enums.OPT_REASON.values:
             reason = "notParticipating"
+        # A caller that retries passes the same opt_id, so a VTN that got an earlier try sees one opt.
+        opt_id = opt_id or utils.generate_id()
         try:
-            opt_id = await client.create_opt(opt_type=opt_type, opt_reason=reason, targets=targets, **kwargs)
+            acknowledged = await client.create_opt(opt_type=opt_type, opt_reason=reason, targets=targets,
+                                                   opt_id=opt_id, **kwargs)
         except Exception as err:
             log.warning("oadrCreateOpt for %s failed: %s: %s", targets, type(err).__name__, err)
-            return False
-        return bool(opt_id)
+            acknowledged = False
+        if not acknowledged:
+            # openleadr keeps every opt it tried (for cancel_opt); retries would pile up.
+            client.opts = [o for o in client.opts if o.opt_id != opt_id]
+        return bool(acknowledged)
 
     async def send_created_event(self, event_id: str, modification_number: int, opt_type: str) -> bool:
         """A later optIn/optOut for a whole event (oadrCreatedEvent); True when the VTN acknowledged it."""

@@ -35,7 +35,10 @@ class Rig:
     stations: list[StationSpec]
     bridge_options: dict[str, Any] = field(default_factory=dict)
     edrv_options: dict[str, Any] = field(default_factory=dict)
+    vtn_options: dict[str, Any] = field(default_factory=dict)  # extra [vtn] config keys
     ev_delay_s: float = 0.5
+    report_interval_s: float = 1.0  # how often the simulator reports each session's power
+    telemetry_s: float | None = None  # the sampling interval the VTN asks for; None: it asks for no telemetry
     webhook_secret: str | None = None  # signs webhooks; the config then names WEBHOOK_SECRET_ENV
     vtn: LocalVtn | None = None
     sim: EdrvSimulator | None = None
@@ -43,12 +46,12 @@ class Rig:
     sessions: dict[str, list[str]] = field(default_factory=dict)  # resource_id -> running session ids
 
     async def start(self, webhooks: bool = False, http_port: int = 0) -> None:
-        self.vtn = LocalVtn(poll_s=1)
+        self.vtn = LocalVtn(poll_s=1, telemetry_s=self.telemetry_s)
         await self.vtn.start()
         self.http_port = http_port or _free_port()
         webhook_url = f"http://127.0.0.1:{self.http_port}/edrv/webhooks" if webhooks else None
         self.sim = EdrvSimulator(API_KEY, webhook_url=webhook_url, ev_delay_s=self.ev_delay_s,
-                                 report_interval_s=1.0, seed=7, webhook_secret=self.webhook_secret)
+                                 report_interval_s=self.report_interval_s, seed=7, webhook_secret=self.webhook_secret)
         await self.sim.start()
         for spec in self.stations:
             sid = self.sim.add_station(simulator=spec.simulator, max_current=spec.max_current, phases=spec.phases,
@@ -67,7 +70,7 @@ class Rig:
     def config_dict(self) -> dict[str, Any]:
         return {
             "bridge": {"database_url": f"sqlite:///{self.workdir / 'dr-bridge.db'}", **self.bridge_options},
-            "vtn": {"url": self.vtn.url, "ven_name": "dr-bridge-rig"},
+            "vtn": {"url": self.vtn.url, "ven_name": "dr-bridge-rig", **self.vtn_options},
             "edrv": {"base_url": self.sim.base_url, "api_key_env": "DR_BRIDGE_RIG_KEY",
                      **({"webhook_secret_env": WEBHOOK_SECRET_ENV} if self.webhook_secret else {}),
                      **self.edrv_options},

@@ -126,11 +126,40 @@ class OptOutRow(SQLModel, table=True):
     window_start: Optional[datetime] = _ts(default=None, nullable=True)
     window_end: Optional[datetime] = _ts(default=None, nullable=True)
     reason: str = ""
+    # What the VTN is told (an OpenADR optReason such as overrideStatus or outageRunStatus); None: chosen
+    # from the source when sent.
+    opt_reason: Optional[str] = None
     source: str = "operator"  # operator | automatic
     applied: bool = False  # the daemon has acted on it (restored the resource)
-    sent: bool = False
-    acknowledged: bool = False
+    sent: bool = False  # sent to the VTN at least once
+    acknowledged: bool = False  # the VTN confirmed it
     attempts: int = 0
+
+
+class PerformanceRow(SQLModel, table=True):
+    """Measured reduction of one resource in one interval, computed once the interval is over.
+
+    Kept rather than recomputed on demand: readings are pruned after a while, the proof must stay.
+    """
+
+    __tablename__ = "performance"
+    id: Optional[int] = Field(default=None, primary_key=True)
+    event_id: str = Field(index=True)
+    modification_number: int = 0
+    resource_id: str
+    signal_name: str
+    signal_type: str
+    interval_start: datetime = _ts()  # as in the event's intervals (before the randomisation offset)
+    window_start: datetime = _ts()  # when the interval was in force: offset applied, cut short by a cancel
+    window_end: datetime = _ts()
+    baseline_start: Optional[datetime] = _ts(default=None, nullable=True)  # the part covered by readings
+    baseline_end: Optional[datetime] = _ts(default=None, nullable=True)
+    baseline_kw: Optional[float] = None
+    mean_kw: Optional[float] = None
+    reduction_kw: Optional[float] = None
+    reduction_pct: Optional[float] = None
+    requested_kw: Optional[float] = None
+    computed_at: datetime = _ts(default_factory=utcnow)
 
 
 class WebhookRow(SQLModel, table=True):
@@ -331,14 +360,24 @@ class Store:
             s.refresh(row)
             return row
 
-    def opt_outs(self, event_id: str | None = None, unapplied: bool = False) -> list[OptOutRow]:
+    def opt_outs(self, event_id: str | None = None, unapplied: bool = False,
+                 unacknowledged: bool = False) -> list[OptOutRow]:
         with self.session() as s:
             q = select(OptOutRow)
             if event_id is not None:
                 q = q.where(OptOutRow.event_id == event_id)
             if unapplied:
                 q = q.where(OptOutRow.applied.is_(False))
+            if unacknowledged:
+                q = q.where(OptOutRow.acknowledged.is_(False))
             return list(s.exec(q.order_by(OptOutRow.at, OptOutRow.id)))
+
+    def availability_windows(self, ending_after: datetime) -> list[OptOutRow]:
+        """Operator unavailability windows (no event) that end after `ending_after`."""
+        with self.session() as s:
+            q = select(OptOutRow).where(OptOutRow.event_id.is_(None), OptOutRow.window_start.is_not(None),
+                                        OptOutRow.window_end > ending_after)
+            return list(s.exec(q.order_by(OptOutRow.window_start, OptOutRow.id)))
 
     def update_opt_out(self, opt_id: int, **changes: Any) -> None:
         with self.session() as s:
@@ -389,6 +428,28 @@ class Store:
             if since is not None:
                 q = q.where(ReadingRow.at >= since)
             return list(s.exec(q.order_by(ReadingRow.at)))
+
+    def readings_between(self, station_ids: Iterable[str], start: datetime, end: datetime) -> list[ReadingRow]:
+        """The stations' readings with start <= at <= end, oldest first."""
+        with self.session() as s:
+            q = select(ReadingRow).where(ReadingRow.chargestation_id.in_(list(station_ids)),
+                                         ReadingRow.at >= start, ReadingRow.at <= end)
+            return list(s.exec(q.order_by(ReadingRow.at, ReadingRow.id)))
+
+    # --- measured reduction ------------------------------------------------------------------------------
+    def performance(self, event_id: str) -> list[PerformanceRow]:
+        with self.session() as s:
+            q = select(PerformanceRow).where(PerformanceRow.event_id == event_id)
+            return list(s.exec(q.order_by(PerformanceRow.interval_start, PerformanceRow.resource_id,
+                                          PerformanceRow.id)))
+
+    def save_performance(self, event_id: str, rows: Iterable[PerformanceRow]) -> None:
+        """Replace the event's rows: a modification may have changed its intervals."""
+        with self.session() as s:
+            s.execute(sa.delete(PerformanceRow).where(PerformanceRow.event_id == event_id))
+            for row in rows:
+                s.add(row)
+            s.commit()
 
     def prune(self, before: datetime) -> None:
         """Retention: readings and processed webhooks older than `before` go."""

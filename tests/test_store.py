@@ -77,3 +77,40 @@ def test_ven_state_and_opt_outs(store):
 def test_relative_sqlite_paths_follow_the_config_file(tmp_path):
     assert normalise_url("sqlite:///x.db", tmp_path) == f"sqlite:///{tmp_path / 'x.db'}"
     assert normalise_url("postgresql://u@h/db") == "postgresql+psycopg://u@h/db"
+
+
+def test_readings_between_picks_the_stations_and_the_window(store):
+    from dr_bridge.store import ReadingRow
+
+    for i, (station, kw) in enumerate([("C1", 1.0), ("C2", 2.0), ("C1", 3.0), ("C3", 4.0)]):
+        store.add_reading(ReadingRow(at=T0 + timedelta(seconds=10 * i), session_id=f"S-{station}",
+                                     chargestation_id=station, power_kw=kw))
+    got = store.readings_between({"C1", "C2"}, T0 + timedelta(seconds=5), T0 + timedelta(seconds=20))
+    assert [(r.chargestation_id, r.power_kw) for r in got] == [("C2", 2.0), ("C1", 3.0)]
+    assert got[0].at.tzinfo is not None
+
+
+def test_performance_rows_are_replaced_per_event(store):
+    from dr_bridge.store import PerformanceRow
+
+    def row(event_id, resource_id, kw):
+        return PerformanceRow(event_id=event_id, resource_id=resource_id, signal_name="SIMPLE",
+                              signal_type="level", interval_start=T0, window_start=T0,
+                              window_end=T0 + timedelta(minutes=5), mean_kw=kw)
+
+    store.save_performance("E1", [row("E1", "R1", 1.0), row("E1", "R2", 2.0)])
+    store.save_performance("E2", [row("E2", "R1", 9.0)])
+    store.save_performance("E1", [row("E1", "R1", 1.5)])
+    assert [(p.resource_id, p.mean_kw) for p in store.performance("E1")] == [("R1", 1.5)]
+    assert [p.mean_kw for p in store.performance("E2")] == [9.0]
+
+
+def test_unacknowledged_opt_outs_and_availability_windows(store):
+    store.add_opt_out(OptOutRow(event_id="E1", resource_id="R1", opt_reason="overrideStatus"))
+    done = store.add_opt_out(OptOutRow(event_id="E1", resource_id="R2"))
+    store.update_opt_out(done.id, sent=True, acknowledged=True, attempts=1)
+    store.add_opt_out(OptOutRow(resource_id="R3", window_start=T0, window_end=T0 + timedelta(hours=1)))
+    store.add_opt_out(OptOutRow(resource_id="R4", window_start=T0 - timedelta(hours=2), window_end=T0))
+    assert [o.resource_id for o in store.opt_outs(unacknowledged=True)] == ["R1", "R3", "R4"]
+    assert store.opt_outs("E1")[0].opt_reason == "overrideStatus"
+    assert [w.resource_id for w in store.availability_windows(T0)] == ["R3"]

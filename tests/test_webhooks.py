@@ -104,9 +104,11 @@ async def test_refusing_station_is_resent_then_non_compliant(rig, bridge):
     sets = [b for k, b in calls(rig, "A") if k == "set_power_limit" and b["limit"] == 16]
     assert len(sets) == 1 + bridge.cfg.edrv.limit_retries  # the first try and limit_retries re-sends
     await bridge.engine.settle(5)
+    await wait_for(lambda: bridge.store.opt_outs(event_id)[0].acknowledged, 5)  # reported to the VTN
     detail = event_detail(bridge.store, event_id)
     (opt,) = detail["opt_outs"]
-    assert opt["resource_id"] == "A" and opt["source"] == "automatic" and opt["sent"] is False
+    assert opt["resource_id"] == "A" and opt["source"] == "automatic" and opt["sent"] is True
+    assert [(o["event_id"], o["resource_ids"]) for o in rig.vtn.opts] == [(event_id, ["A"])]
     assert {a["status"] for a in detail["actions"] if a["purpose"] == "limit"} == {"rejected"}
     if rig.stations[0].refuse == "http":  # the charger refuses the restore too: /healthz must say so
         url = f"http://127.0.0.1:{rig.http_port}/healthz"
