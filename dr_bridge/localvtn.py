@@ -22,7 +22,7 @@ from typing import TypeVar
 
 from aiohttp import web
 from openleadr import OpenADRServer, errors, objects, utils
-from openleadr.service import OptService, handler
+from openleadr.service import OptService, VTNService, handler
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +94,22 @@ class _AcceptingOptService(OptService):
         return "oadrCanceledOpt", {"opt_id": payload["opt_id"]}
 
 
+@dataclasses.dataclass(frozen=True)
+class VtnTls:
+    """HTTPS with client certificates: `cert`/`key` serve TLS and sign the VTN's messages (a VEN pins its
+    fingerprint); a VEN must present a certificate issued by `ca_file`, whose fingerprint is then bound to
+    its registration, and sign its messages with it."""
+
+    cert: str
+    key: str
+    ca_file: str
+
+
 class LocalVtn:
     """One in-process VTN. Create, `await start()`, add events for a registered VEN, `await stop()`."""
 
     def __init__(self, vtn_id: str = "DR-BRIDGE-LOCAL-VTN", host: str = "127.0.0.1", port: int = 0,
-                 poll_s: float = 1, telemetry_s: float | None = None) -> None:
+                 poll_s: float = 1, telemetry_s: float | None = None, tls: VtnTls | None = None) -> None:
         """telemetry_s: the sampling interval to request for offered TELEMETRY_USAGE; None declines them."""
         if vtn_id.islower():
             # openleadr 0.5.36 VENs answer a lowercase vtnID with eiResponse 452.
@@ -120,9 +131,14 @@ class LocalVtn:
         with warnings.catch_warnings():
             # openleadr stores itself under a plain string app key, which newer aiohttp warns about.
             warnings.simplefilter("ignore", getattr(web, "NotAppKeyWarning", UserWarning))
+            tls_options = {} if tls is None else dict(
+                http_cert=tls.cert, http_key=tls.key, http_ca_file=tls.ca_file, cert=tls.cert, key=tls.key,
+                show_fingerprint=False)
             self.server = OpenADRServer(vtn_id=vtn_id, http_host=host, http_port=self.port,
                                         requested_poll_freq=timedelta(seconds=poll_s),
-                                        ven_lookup=self._ven_lookup, verify_message_signatures=False)
+                                        ven_lookup=self._ven_lookup, verify_message_signatures=tls is not None,
+                                        **tls_options)
+        self.tls = tls
         self.server.add_handler("on_create_party_registration", self._on_create_party_registration)
         self.server.add_handler("on_register_report", self._on_register_report)
 
@@ -131,10 +147,13 @@ class LocalVtn:
         self.server.services["opt_service"] = opt_service
         self.server.app.router.add_post(f"{self.server.http_path_prefix}/EiOpt", opt_service.handler)
 
+        signer = VTNService._create_message  # what the constructor just set, with or without a signing cert
         for service in self.server.services.values():
-            # openleadr stores ven_lookup on the VTNService class, shared by every server in the process;
-            # an instance attribute keeps this VTN's VENs its own.
+            # openleadr stores ven_lookup, the message signer and signature checking on the VTNService class,
+            # shared by every server in the process; instance attributes keep this VTN's own.
             service.ven_lookup = self._ven_lookup
+            service._create_message = signer
+            service.verify_message_signatures = tls is not None
 
         event_service = self.server.services["event_service"]
         stock_request_event = event_service.request_event
@@ -153,7 +172,8 @@ class LocalVtn:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}{self.server.http_path_prefix}"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://{self.host}:{self.port}{self.server.http_path_prefix}"
 
     async def start(self) -> None:
         with contextlib.redirect_stdout(io.StringIO()):  # openleadr prints a banner on start
