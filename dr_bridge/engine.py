@@ -67,6 +67,7 @@ class Engine:
         self.ven_id: str | None = cfg.vtn.ven_id or None
         self.events: dict[str, LiveEvent] = {}
         self.running: dict[str, list[str]] = {}  # station id -> running session ids, as last seen
+        self.energy_needs: dict[str, float] = {}  # session id -> kWh still wanted, where eDRV reports a target
         self.dispatcher = Dispatcher(client, store, limit_retries=cfg.edrv.limit_retries,
                                      on_noncompliant=self._noncompliant)
         self.scheduler = AsyncIOScheduler(timezone="UTC")
@@ -288,7 +289,7 @@ class Engine:
             self.stations[sid] = await self._resolve(self.stations[sid])
         stations = {sid: self.stations[sid] for sid in scope}
         sessions = {sid: self.running.get(sid, []) for sid in scope}
-        plan = session_limits(budgets, caps, stations, sessions, self.settings)
+        plan = session_limits(budgets, caps, stations, sessions, self.settings, self._cap_weights(sessions))
         await self._apply(plan, {x: stations[sid] for sid, ids in sessions.items() for x in ids}, now)
 
     async def _apply(self, plan: dict[str, tuple[Limit | None, tuple[str, bool] | None]],
@@ -318,6 +319,13 @@ class Engine:
             await self.dispatcher.drain(min(5.0, self.cfg.edrv.request_timeout_s), lowered)
         for session_id, station, desired in raises:
             self.dispatcher.want(session_id, station, desired)
+
+    def _cap_weights(self, sessions: dict[str, list[str]]) -> dict[str, float] | None:
+        if self.cfg.bridge.cap_sharing != "energy_need":
+            return None
+        # A session whose target is met still counts a little, so it keeps its minimum rather than less.
+        return {sid: max(0.1, self.energy_needs[sid]) for ids in sessions.values() for sid in ids
+                if sid in self.energy_needs}
 
     def _lowers(self, session_id: str, station: Station, limit: Limit) -> bool:
         held = self.dispatcher.held_limit(session_id)
@@ -434,10 +442,13 @@ class Engine:
         for s in sessions:
             if s.chargestation_id in running:
                 running[s.chargestation_id].append(s.id)
+                self._note_need(s)
         for sid in station_ids:
             running[sid].sort()
             self.running[sid] = running[sid]
         live_ids = {x for ids in running.values() for x in ids}
+        alive = {x for ids in self.running.values() for x in ids}
+        self.energy_needs = {k: v for k, v in self.energy_needs.items() if k in alive}
         for session_id in self.dispatcher.limited_sessions():
             if self.dispatcher.station_of(session_id) in running and session_id not in live_ids:
                 log.info("session %s has ended; nothing to restore", session_id)
@@ -500,6 +511,7 @@ class Engine:
             if session.status and session.status.lower() in ("ended", "cancelled"):
                 self._session_gone(session)
             return
+        self._note_need(session)
         known = self.running.setdefault(station_id, [])
         if session.id not in known:
             known.append(session.id)
@@ -508,7 +520,13 @@ class Engine:
                 log.info("session %s started on %s during an event: sharing its budget", session.id, station_id)
                 self.kick()
 
+    def _note_need(self, session: Session) -> None:
+        need = session.energy_need_kwh
+        if need is not None:
+            self.energy_needs[session.id] = need
+
     def _session_gone(self, session: Session) -> None:
+        self.energy_needs.pop(session.id, None)
         station_id = session.chargestation_id
         if station_id in self.running and session.id in self.running[station_id]:
             self.running[station_id].remove(session.id)

@@ -75,11 +75,10 @@ def boundaries(event: Event, offset_s: float, max_event_hours: float) -> list[da
 
 
 def restore_spread(event: Event, restore_spread_s: float) -> timedelta:
-    """How long the restore after the end is spread over: the event's recovery period when the utility sent
-    one, else the configured restore_spread_s."""
-    if event.recovery is not None and event.recovery > timedelta(0):
-        return event.recovery
-    return timedelta(seconds=max(0.0, restore_spread_s))
+    """How long the restore after the end is spread over: restore_spread_s, or the event's recovery period
+    when the utility sent a longer one."""
+    configured = timedelta(seconds=max(0.0, restore_spread_s))
+    return max(configured, event.recovery or timedelta(0))
 
 
 def staggered_restore_at(end: datetime, spread: timedelta, rank: int, count: int) -> datetime:

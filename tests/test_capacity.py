@@ -8,6 +8,7 @@ import pytest
 from dr_bridge import schedule
 from dr_bridge.daemon import Bridge
 from dr_bridge.domain import Event
+from dr_bridge.edrv.models import Session
 from dr_bridge.rig import API_KEY, Rig, StationSpec, wait_for
 from tests.test_core import soon
 
@@ -17,12 +18,24 @@ T0 = datetime(2026, 1, 1, 12, tzinfo=timezone.utc)
 
 # --- the staggered restore's timetable (pure) ---------------------------------------------------------
 
-def test_the_event_recovery_period_wins_over_the_configured_spread():
+def test_the_spread_is_restore_spread_s_or_the_event_recovery_period_when_longer():
     event = Event("E", 0, T0, T0 + timedelta(minutes=30), [], recovery=timedelta(minutes=5))
     assert schedule.restore_spread(event, 60) == timedelta(minutes=5)
+    assert schedule.restore_spread(event, 600) == timedelta(minutes=10)
+    assert schedule.restore_spread(event, 0) == timedelta(minutes=5)
     event.recovery = None
     assert schedule.restore_spread(event, 60) == timedelta(seconds=60)
     assert schedule.restore_spread(event, 0) == timedelta(0)
+
+
+def test_an_energy_target_gives_a_need():
+    metrics = {"energyConsumed": 4500}  # Wh
+    assert Session.from_json({"_id": "s", "status": "Started", "target": {"energy": 10},
+                              "metrics": metrics}).energy_need_kwh == pytest.approx(5.5)
+    assert Session.from_json({"_id": "s", "status": "Started", "target": {"energy": "3"},
+                              "metrics": metrics}).energy_need_kwh == 0
+    assert Session.from_json({"_id": "s", "status": "Started", "target": {}, "metrics": metrics}) \
+        .energy_need_kwh is None
 
 
 def test_restores_are_evenly_spaced_and_all_done_before_end_plus_spread():
@@ -179,3 +192,19 @@ async def test_a_restart_mid_spread_still_restores_everyone_in_turn(rig, tmp_pat
         assert [k for _, k, _ in rig.sim.limit_calls()].count("clear_power_limit") == 4
     finally:
         await second.stop()
+
+
+NEEDS = {"stations": [StationSpec("A", sessions=0), StationSpec("B", sessions=0)],
+         "bridge": {"cap_sharing": "energy_need"}}
+
+
+@pytest.mark.parametrize("rig", [NEEDS], indirect=True)
+async def test_energy_need_sharing_gives_more_to_the_driver_who_needs_more(rig, bridge):
+    far = rig.sim.start_session(rig.station_ids["A"], target_energy_kwh=30)
+    near = rig.sim.start_session(rig.station_ids["B"], target_energy_kwh=10)
+    cap_event(rig, bridge, soon(3), 4, 20)
+    await wait_for(lambda: sent(rig).get(far) and sent(rig).get(near), 15)
+    # 30 : 10 kWh still wanted: 15 kW and 5 kW of the 20 kW cap (21.7 A and 7.2 A), give or take what they
+    # charged meanwhile.
+    assert sent(rig)[far] == pytest.approx(21.7, abs=0.2) and sent(rig)[near] == pytest.approx(7.2, abs=0.2)
+    assert (sent(rig)[far] + sent(rig)[near]) * W_PER_A <= 20_000
