@@ -92,7 +92,7 @@ EIGHT = {"stations": [StationSpec(r, sessions=2) for r in "ABCD"]}
 
 @pytest.mark.parametrize("rig", [EIGHT], indirect=True)
 async def test_a_50_kw_cap_over_eight_sessions_a_ninth_joins_and_the_restore_is_spread(rig, bridge):
-    start, length, recovery = soon(3), 8, 4
+    start, length, recovery = soon(3), 8, 5
     event_id = cap_event(rig, bridge, start, length, 50, unit="kW", recovery=timedelta(seconds=recovery))
     eight = [s for ids in rig.sessions.values() for s in ids]
 
