@@ -61,6 +61,7 @@ class BridgeSection(_Section):
     below_min: domain.BelowMin = "min"
     max_event_hours: float = Field(24.0, gt=0)
     restore_spread_s: float = Field(0.0, ge=0)
+    cap_sharing: Literal["equal", "energy_need"] = "equal"  # energy_need: weight by the kWh a session still wants
     baseline_minutes: float = Field(15.0, ge=0)
     readings_retention_days: float = Field(30.0, gt=0)  # power readings and processed webhooks kept this long
 

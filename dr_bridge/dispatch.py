@@ -80,6 +80,19 @@ class Dispatcher:
         slot = self._slots.get(session_id)
         return slot.desired if slot is not None else None
 
+    def held_limit(self, session_id: str) -> Limit | None:
+        """The limit eDRV holds for the session as far as we know; None: unlimited or unknown."""
+        slot = self._slots.get(session_id)
+        if slot is None or slot.applied in (None, RESTORED):
+            return None
+        unit, value = slot.applied
+        return Limit(unit, value)
+
+    def sessions_of_event(self, event_id: str) -> list[str]:
+        """Sessions whose desired state came from this event and that still run."""
+        return [sid for sid, slot in self._slots.items()
+                if not slot.ended and slot.desired is not None and slot.desired.event_id == event_id]
+
     def station_of(self, session_id: str) -> str:
         return self._slots[session_id].station.id
 
@@ -171,8 +184,11 @@ class Dispatcher:
     def pending(self) -> int:
         return sum(1 for s in self._slots.values() if s.worker is not None and not s.worker.done())
 
-    async def drain(self, timeout: float | None = None) -> bool:
-        tasks = [s.worker for s in self._slots.values() if s.worker is not None and not s.worker.done()]
+    async def drain(self, timeout: float | None = None, session_ids: list[str] | None = None) -> bool:
+        """Wait until dispatch is idle (or only the given sessions are); False on timeout."""
+        slots = self._slots.values() if session_ids is None else [
+            self._slots[sid] for sid in session_ids if sid in self._slots]
+        tasks = [s.worker for s in slots if s.worker is not None and not s.worker.done()]
         if not tasks:
             return True
         done, pending = await asyncio.wait(tasks, timeout=timeout)

@@ -64,12 +64,20 @@ class Limit:
 
 
 @dataclass(frozen=True)
+class Cap:
+    """A power cap shared by every running session on a set of stations (a site or feeder setpoint)."""
+
+    watts: float
+    station_ids: frozenset[str]
+
+
+@dataclass(frozen=True)
 class SignalInterval:
     signal_name: str
     signal_type: str
     start: datetime  # UTC
     end: datetime | None  # None: open-ended
-    value: float
+    value: float  # setpoints in kW (the VEN adapter converts the signal's item base)
 
 
 @dataclass

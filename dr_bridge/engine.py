@@ -19,12 +19,13 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from dr_bridge import schedule
 from dr_bridge.dispatch import Desired, Dispatcher
-from dr_bridge.domain import ACTIVE, CANCELLED, COMPLETED, PENDING, Event, Limit, Station
+from dr_bridge.domain import ACTIVE, CANCELLED, COMPLETED, PENDING, Cap, Event, Limit, SignalInterval, Station
 from dr_bridge.edrv.errors import EdrvError
 from dr_bridge.edrv.models import Session
 from dr_bridge.edrv.webhooks import Envelope, action_status
 from dr_bridge.eventlog import event_from_json, event_to_json, iso
-from dr_bridge.policy import UnsupportedSignal, is_supported, most_restrictive, share, station_limit
+from dr_bridge.policy import (PERCENT_OFFSET, UnsupportedSignal, cap_watts, is_cap_signal, is_supported,
+                              session_limits, station_limit, to_watts)
 from dr_bridge.reporting import overlapping
 from dr_bridge.store import EventRow, IntervalRow, OptOutRow, ReadingRow, Store, utcnow
 from dr_bridge.targets import select_stations
@@ -45,6 +46,8 @@ class LiveEvent:
     station_ids: set[str]
     opted_out: set[str] = field(default_factory=set)  # resource_ids no longer limited in this event
     offline: set[str] = field(default_factory=set)  # opted out only while their station is offline
+    baselines_w: dict[frozenset[str], float] = field(default_factory=dict)  # pre-event power per station set
+    restore_order: list[str] | None = None  # sessions in the order the staggered restore lifts them
 
     @property
     def acting(self) -> bool:
@@ -65,6 +68,7 @@ class Engine:
         self.ven_id: str | None = cfg.vtn.ven_id or None
         self.events: dict[str, LiveEvent] = {}
         self.running: dict[str, list[str]] = {}  # station id -> running session ids, as last seen
+        self.energy_needs: dict[str, float] = {}  # session id -> kWh still wanted, where eDRV reports a target
         self.dispatcher = Dispatcher(client, store, limit_retries=cfg.edrv.limit_retries,
                                      on_noncompliant=self._noncompliant)
         self.scheduler = AsyncIOScheduler(timezone="UTC")
@@ -79,7 +83,7 @@ class Engine:
     async def start(self) -> None:
         """Rebuild from the database: live events, their jobs, and what each session holds."""
         self.ven_id = self.store.ven_state().ven_id or self.ven_id
-        for row in self.store.events(statuses=[PENDING, ACTIVE]):
+        for row in self.store.events(statuses=[PENDING, ACTIVE]) + self._spreading_events():
             ev = event_from_json(row.event_json)
             live = LiveEvent(ev, row.offset_s, row.opt or OPT_OUT, row.opt_reason or "", row.status, row.dry_run,
                              {s.id for s in select_stations(ev, list(self.stations.values()), self.ven_id)})
@@ -256,22 +260,28 @@ class Engine:
     # --- the decision pass ---------------------------------------------------------------------------
     async def recompute(self) -> None:
         now = self.clock()
-        budgets: dict[str, list[tuple[Limit | None, str, bool]]] = {}
+        budgets: dict[str, list[tuple[Limit | None, tuple[str, bool]]]] = {}
+        caps: list[tuple[Cap, tuple[str, bool]]] = []
         for live in self.events.values():
             self._update_status(live, now)
             if not live.acting or live.status != ACTIVE:
                 continue
-            intervals = schedule.active_intervals(live.event, now, live.offset_s, self.cfg.bridge.max_event_hours)
-            for sid in live.station_ids:
-                station = self.stations[sid]
-                if station.resource_id in live.opted_out:
+            owner = (live.event.event_id, live.dry)
+            targeted = sorted(sid for sid in live.station_ids
+                              if self.stations[sid].resource_id not in live.opted_out)
+            for iv in schedule.active_intervals(live.event, now, live.offset_s, self.cfg.bridge.max_event_hours):
+                if is_cap_signal(iv.signal_name, iv.signal_type):
+                    cap = self._cap(live, iv, targeted)
+                    if cap is not None:
+                        caps.append((cap, owner))
                     continue
-                for iv in intervals:
+                for sid in targeted:
                     try:
-                        limit = station_limit(iv, station, self.settings)
+                        limit = station_limit(iv, self.stations[sid], self.settings)
                     except UnsupportedSignal:
                         continue
-                    budgets.setdefault(sid, []).append((limit, live.event.event_id, live.dry))
+                    budgets.setdefault(sid, []).append((limit, owner))
+            for sid in targeted:
                 budgets.setdefault(sid, [])
 
         held = {self.dispatcher.station_of(s) for s in self.dispatcher.limited_sessions()}
@@ -280,19 +290,135 @@ class Engine:
             return
         await self._refresh_sessions(scope)
         for sid in scope:
-            station = await self._resolve(self.stations[sid])
-            self.stations[sid] = station
-            entries = budgets.get(sid, [])
-            budget = most_restrictive([e[0] for e in entries], station)
-            owner = next((e for e in entries if e[0] == budget), None) if budget is not None else None
-            sessions = self.running.get(sid, [])
-            for session_id, limit in share(station, budget, sessions, self.settings).items():
-                if limit is not None:
-                    self.dispatcher.want(session_id, station, Desired("limit", limit, owner[1], owner[2]))
-                elif self.dispatcher.holds_limit(session_id) or self.dispatcher.wants_limit(session_id):
-                    prev = self.dispatcher.desired(session_id)
-                    self.dispatcher.want(session_id, station, Desired("restore", event_id=prev.event_id,
-                                                                       dry=prev.dry))
+            self.stations[sid] = await self._resolve(self.stations[sid])
+        stations = {sid: self.stations[sid] for sid in scope}
+        sessions = {sid: self.running.get(sid, []) for sid in scope}
+        plan = session_limits(budgets, caps, stations, sessions, self.settings, self._cap_weights(sessions))
+        await self._apply(plan, {x: stations[sid] for sid, ids in sessions.items() for x in ids}, now)
+
+    async def _apply(self, plan: dict[str, tuple[Limit | None, tuple[str, bool] | None]],
+                     station_of: dict[str, Station], now: datetime) -> None:
+        """Hand the plan to the dispatcher: lower limits first, then raises and restores."""
+        lowered: list[str] = []
+        raises: list[tuple[str, Station, Desired]] = []
+        for session_id, (limit, owner) in plan.items():
+            station = station_of[session_id]
+            if limit is not None:
+                desired = Desired("limit", limit, owner[0], owner[1])
+                if self._lowers(session_id, station, limit):
+                    self.dispatcher.want(session_id, station, desired)
+                    lowered.append(session_id)
+                else:
+                    raises.append((session_id, station, desired))
+            elif self.dispatcher.holds_limit(session_id) or self.dispatcher.wants_limit(session_id):
+                prev = self.dispatcher.desired(session_id)
+                due = self._restore_due(session_id, prev.event_id)
+                if due is not None and due > now + timedelta(milliseconds=10):
+                    self._wake_at(due, prev.event_id)
+                    continue  # keeps its limit until its turn in the staggered restore
+                raises.append((session_id, station, Desired("restore", event_id=prev.event_id, dry=prev.dry)))
+        if lowered and raises:
+            # When shares move within a cap, the limits eDRV holds must not add up to more than the cap on
+            # the way: the raises wait (briefly) until the lowered limits are through.
+            await self.dispatcher.drain(min(5.0, self.cfg.edrv.request_timeout_s), lowered)
+        for session_id, station, desired in raises:
+            self.dispatcher.want(session_id, station, desired)
+
+    def _cap_weights(self, sessions: dict[str, list[str]]) -> dict[str, float] | None:
+        if self.cfg.bridge.cap_sharing != "energy_need":
+            return None
+        # A session whose target is met still counts a little, so it keeps its minimum rather than less.
+        return {sid: max(0.1, self.energy_needs[sid]) for ids in sessions.values() for sid in ids
+                if sid in self.energy_needs}
+
+    def _lowers(self, session_id: str, station: Station, limit: Limit) -> bool:
+        held = self.dispatcher.held_limit(session_id)
+        now_w = to_watts(held, station) if held is not None else station.max_power_w
+        return to_watts(limit, station) < now_w
+
+    def _cap(self, live: LiveEvent, interval: SignalInterval, station_ids: list[str]) -> Cap | None:
+        baseline_w = 0.0
+        if (interval.signal_name, interval.signal_type) == PERCENT_OFFSET:
+            baseline_w = self._baseline_w(live, station_ids)
+        try:
+            watts = cap_watts(interval, baseline_w)
+        except UnsupportedSignal as exc:
+            log.warning("event %s: %s; ignoring that interval", live.event.event_id, exc)
+            return None
+        return None if watts is None else Cap(watts, frozenset(station_ids))
+
+    def _baseline_w(self, live: LiveEvent, station_ids: list[str]) -> float:
+        """The power (W) the stations drew before the event: what x-loadControlPercentOffset is relative to.
+
+        A stand-in until the measured-reduction baseline is shared (performance.py, issue #5): the mean of
+        each session's readings in the `baseline_minutes` before the effective start, summed. Without any
+        reading the stations' maximum power stands in for "normal", and the log says so.
+        """
+        key = frozenset(station_ids)
+        if key in live.baselines_w:
+            return live.baselines_w[key]
+        start = schedule.effective_start(live.event, live.offset_s)
+        since = start - timedelta(minutes=self.cfg.bridge.baseline_minutes)
+        per_session: dict[str, list[float]] = {}
+        for sid in station_ids:
+            for r in self.store.readings(sid, since):
+                if r.at < start and r.power_kw is not None:
+                    per_session.setdefault(r.session_id, []).append(r.power_kw)
+        if per_session:
+            baseline = 1000.0 * sum(sum(v) / len(v) for v in per_session.values())
+        else:
+            baseline = sum(self.stations[sid].max_power_w for sid in station_ids)
+            log.warning("event %s: no power readings before the event; its percent offset applies to the "
+                        "stations' maximum power (%.1f kW)", live.event.event_id, baseline / 1000)
+        live.baselines_w[key] = baseline
+        return baseline
+
+    # --- the staggered restore -------------------------------------------------------------------------
+    def _restore_due(self, session_id: str, event_id: str | None) -> datetime | None:
+        """When a session is restored after its event ended, in the staggered restore. None: at once (no
+        spread, a cancellation, an opt-out: those restore immediately)."""
+        live = self.events.get(event_id) if event_id else None
+        if live is None or live.status != COMPLETED:
+            return None
+        spread = schedule.restore_spread(live.event, self.cfg.bridge.restore_spread_s)
+        if spread <= timedelta(0):
+            return None
+        if live.restore_order is None:
+            live.restore_order = self._restore_order(live)
+        order = live.restore_order
+        rank = order.index(session_id) if session_id in order else len(order) - 1
+        end = schedule.effective_end(live.event, live.offset_s, self.cfg.bridge.max_event_hours)
+        return schedule.staggered_restore_at(end, spread, rank, len(order))
+
+    def _restore_order(self, live: LiveEvent) -> list[str]:
+        """Higher-priority stations first, then a fixed order. Built from the persisted session states, so
+        a restart mid-spread gives every session the same turn as before."""
+        event_id = live.event.event_id
+        ids = {st.session_id: st.chargestation_id for st in self.store.session_states() if st.event_id == event_id}
+        for session_id in self.dispatcher.sessions_of_event(event_id):  # dry runs persist no session state
+            ids.setdefault(session_id, self.dispatcher.station_of(session_id))
+
+        def key(item: tuple[str, str]) -> tuple[int, str, str]:
+            station = self.stations.get(item[1])
+            return (-(station.priority if station else 0), item[1], item[0])
+
+        return [session_id for session_id, _ in sorted(ids.items(), key=key)]
+
+    def _wake_at(self, when: datetime, event_id: str) -> None:
+        if self.scheduler.running:
+            self.scheduler.add_job(self.kick, "date", run_date=when, id=f"{event_id}@restore-{when.isoformat()}",
+                                   replace_existing=True, misfire_grace_time=None)
+
+    def _spreading_events(self) -> list[EventRow]:
+        """Completed events whose staggered restore is still under way (to resume after a restart)."""
+        now = self.clock()
+        rows = []
+        for row in self.store.events(statuses=[COMPLETED], since=now - timedelta(days=1)):
+            ev = event_from_json(row.event_json)
+            end = schedule.effective_end(ev, row.offset_s, self.cfg.bridge.max_event_hours)
+            if end + schedule.restore_spread(ev, self.cfg.bridge.restore_spread_s) > now:
+                rows.append(row)
+        return rows
 
     def _update_status(self, live: LiveEvent, now: datetime) -> None:
         status = schedule.status_at(live.event, now, live.offset_s, self.cfg.bridge.max_event_hours)
@@ -320,10 +446,13 @@ class Engine:
         for s in sessions:
             if s.chargestation_id in running:
                 running[s.chargestation_id].append(s.id)
+                self._note_need(s)
         for sid in station_ids:
             running[sid].sort()
             self.running[sid] = running[sid]
         live_ids = {x for ids in running.values() for x in ids}
+        alive = {x for ids in self.running.values() for x in ids}
+        self.energy_needs = {k: v for k, v in self.energy_needs.items() if k in alive}
         for session_id in self.dispatcher.limited_sessions():
             if self.dispatcher.station_of(session_id) in running and session_id not in live_ids:
                 log.info("session %s has ended; nothing to restore", session_id)
@@ -386,6 +515,7 @@ class Engine:
             if session.status and session.status.lower() in ("ended", "cancelled"):
                 self._session_gone(session, session.energy_report_at or env.created_at or utcnow())
             return
+        self._note_need(session)
         known = self.running.setdefault(station_id, [])
         if session.id not in known:
             known.append(session.id)
@@ -394,7 +524,13 @@ class Engine:
                 log.info("session %s started on %s during an event: sharing its budget", session.id, station_id)
                 self.kick()
 
+    def _note_need(self, session: Session) -> None:
+        need = session.energy_need_kwh
+        if need is not None:
+            self.energy_needs[session.id] = need
+
     def _session_gone(self, session: Session, at: datetime | None = None) -> None:
+        self.energy_needs.pop(session.id, None)
         station_id = session.chargestation_id
         if at is not None and station_id in self.stations and session.id:
             # A 0 kW reading marks the end, so measured power does not hold the last report for a while.

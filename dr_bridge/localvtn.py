@@ -21,7 +21,7 @@ from functools import partial
 from typing import TypeVar
 
 from aiohttp import web
-from openleadr import OpenADRServer, errors, objects, utils
+from openleadr import OpenADRServer, enums, errors, objects, utils
 from openleadr.service import OptService, VTNService, handler
 
 log = logging.getLogger(__name__)
@@ -36,10 +36,23 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def _signal(name: str, kind: str, specs: list[IntervalSpec]) -> objects.EventSignal:
+def _signal(name: str, kind: str, specs: list[IntervalSpec], unit: str | None = None) -> objects.EventSignal:
     # SIMPLE signals carry current_value 0 until active (rule 14); openleadr warns and forces it otherwise.
     return objects.EventSignal(intervals=_intervals(specs), signal_name=name, signal_type=kind,
-                               signal_id=utils.generate_id(), current_value=0.0 if name == "SIMPLE" else None)
+                               signal_id=utils.generate_id(), current_value=0.0 if name == "SIMPLE" else None,
+                               measurement=_item_base(unit))
+
+
+def _item_base(unit: str | None) -> objects.Measurement | None:
+    """The signal's item base: "W", "kW" or "MW" (powerReal with an SI scale), or "A" (current)."""
+    if unit is None:
+        return None
+    # A copy: openleadr's MEASUREMENTS are shared objects that a scale= would change for the whole process.
+    if unit in ("W", "kW", "MW"):
+        return dataclasses.replace(enums.MEASUREMENTS.REAL_POWER, scale={"W": "none", "kW": "k", "MW": "M"}[unit])
+    if unit == "A":
+        return dataclasses.replace(enums.MEASUREMENTS.CURRENT, scale="none")
+    raise ValueError(f"unsupported item base {unit!r}: W, kW, MW or A")
 
 
 def _intervals(specs: list[IntervalSpec]) -> list[dict]:
@@ -209,12 +222,14 @@ class LocalVtn:
                   signal_type: str = "level", targets: list[dict] | None = None,
                   start_after: timedelta | None = None, recovery: timedelta | None = None,
                   ramp_up: timedelta | None = None, test_event: bool = False, event_id: str | None = None,
-                  extra_signals: list[dict] | None = None,
+                  extra_signals: list[dict] | None = None, unit: str | None = None,
                   market_context: str = "http://dr-bridge.local/programs/demo") -> str:
-        """Queue an event for ven_id. extra_signals: [{"signal_name", "signal_type", "intervals": [...]}]."""
+        """Queue an event for ven_id. unit: the signal's item base (see _item_base).
+        extra_signals: [{"signal_name", "signal_type", "intervals": [...], optional "unit"}]."""
         event_id = event_id or f"EVT-{utils.generate_id()[:8]}"
-        signals = [_signal(signal_name, signal_type, intervals)]
-        signals += [_signal(x["signal_name"], x["signal_type"], x["intervals"]) for x in extra_signals or []]
+        signals = [_signal(signal_name, signal_type, intervals, unit)]
+        signals += [_signal(x["signal_name"], x["signal_type"], x["intervals"], x.get("unit"))
+                    for x in extra_signals or []]
         start, duration = _span([iv for s in signals for iv in s.intervals])
         active_period = objects.ActivePeriod(dtstart=start, duration=duration,
                                              tolerance={"startafter": start_after} if start_after else None,

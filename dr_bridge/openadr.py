@@ -110,18 +110,46 @@ def _signals(d: dict) -> list[dict]:
     return signals
 
 
+# Setpoints are amounts in the signal's item base; the domain keeps them in kW.
+_SETPOINTS = {("LOAD_CONTROL", "x-loadControlSetpoint"), ("LOAD_DISPATCH", "setpoint")}
+_WATT_UNITS = {"W": 1.0, "kW": 1e3, "MW": 1e6}
+_SI_SCALE = {"p": 1e-12, "n": 1e-9, "micro": 1e-6, "m": 1e-3, "c": 1e-2, "d": 1e-1, "none": 1.0,
+             "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+
+
+def _watts_per_unit(measurement: Any) -> float | None:
+    """Watts per unit of a setpoint value, from the item base (powerReal W with an SI scale code); kW when
+    there is none. None when the item base is not a power."""
+    if not isinstance(measurement, dict):
+        return 1000.0  # no item base: the bridge reads setpoints as kW
+    unit = str(measurement.get("unit") or "").strip()
+    scale = str(measurement.get("scale") or "none").strip()
+    if unit not in _WATT_UNITS or scale not in _SI_SCALE:
+        return None
+    return _WATT_UNITS[unit] * _SI_SCALE[scale]
+
+
 def _intervals(signal: dict, event_start: datetime) -> list[SignalInterval]:
     result = []
     cursor = event_start
+    signal_type = str(signal.get("signal_type"))
+    watts = None  # per unit of the value, for setpoints only
+    if (str(signal.get("signal_name")), signal_type) in _SETPOINTS:
+        watts = _watts_per_unit(signal.get("measurement"))
+        if watts is None:
+            # Kept (the event log shows what arrived) under a type no policy acts on, so the event is
+            # answered optOut with this type as the reason rather than read in the wrong unit.
+            measurement = signal.get("measurement") or {}
+            scale = "" if measurement.get("scale") in (None, "none") else str(measurement["scale"])
+            signal_type = f"{signal_type} in {scale}{measurement.get('unit') or '?'}"
     for interval in signal.get("intervals") or []:
         # Third-party VTNs often send intervals without dtstart: they follow each other from the event start.
         start = _as_utc(interval["dtstart"]) if interval.get("dtstart") is not None else cursor
         duration = _as_timedelta(interval.get("duration"))
         end = start + duration if duration > timedelta(0) else None
-        result.append(SignalInterval(signal_name=str(signal.get("signal_name")),
-                                     signal_type=str(signal.get("signal_type")),
-                                     start=start, end=end,
-                                     value=float(interval.get("signal_payload") or 0.0)))
+        value = float(interval.get("signal_payload") or 0.0)
+        result.append(SignalInterval(signal_name=str(signal.get("signal_name")), signal_type=signal_type,
+                                     start=start, end=end, value=value if watts is None else value * watts / 1000))
         cursor = start + duration
     return result
 

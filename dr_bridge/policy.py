@@ -6,14 +6,25 @@ domain values, so what the bridge would send can be computed and checked anywher
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TypeVar
 
-from .domain import Limit, LevelRule, PolicySettings, SignalInterval, Station, Unit
+from .allocation import Claim, allocate
+from .domain import Cap, Limit, LevelRule, PolicySettings, SignalInterval, Station, Unit
+
+S = TypeVar("S")  # whoever asked for a limit (the engine passes the event), handed back with the result
+
+LEVEL = ("SIMPLE", "level")
+CAPACITY = ("LOAD_CONTROL", "x-loadControlCapacity")
+LEVEL_OFFSET = ("LOAD_CONTROL", "x-loadControlLevelOffset")
+PERCENT_OFFSET = ("LOAD_CONTROL", "x-loadControlPercentOffset")
+SETPOINTS: frozenset[tuple[str, str]] = frozenset({("LOAD_CONTROL", "x-loadControlSetpoint"),
+                                                   ("LOAD_DISPATCH", "setpoint")})
+# Signals that set one amount for everything the event targets together, rather than a limit per station.
+CAP_SIGNALS: frozenset[tuple[str, str]] = SETPOINTS | {PERCENT_OFFSET}
 
 # OpenADR spells signal names and types case-sensitively; anything else is answered optOut upstream.
-SUPPORTED_SIGNALS: frozenset[tuple[str, str]] = frozenset(
-    {("SIMPLE", "level"), ("LOAD_CONTROL", "x-loadControlCapacity")}
-)
+SUPPORTED_SIGNALS: frozenset[tuple[str, str]] = frozenset({LEVEL, CAPACITY, LEVEL_OFFSET}) | CAP_SIGNALS
 
 # Float noise (e.g. 5.3 stored as 5.2999999999) must not cost a whole flooring step.
 _EPS = 1e-9
@@ -27,17 +38,47 @@ def is_supported(signal_name: str, signal_type: str) -> bool:
     return (signal_name, signal_type) in SUPPORTED_SIGNALS
 
 
+def is_cap_signal(signal_name: str, signal_type: str) -> bool:
+    return (signal_name, signal_type) in CAP_SIGNALS
+
+
 # --- station budget for one signal interval -------------------------------------------------------
 
 
 def station_limit(interval: SignalInterval, station: Station, settings: PolicySettings) -> Limit | None:
     """The station's whole budget during `interval`; None means no limit."""
     key = (interval.signal_name, interval.signal_type)
-    if key == ("SIMPLE", "level"):
+    if key == LEVEL:
         return _level_limit(interval.value, station, settings)
-    if key == ("LOAD_CONTROL", "x-loadControlCapacity"):
+    if key == LEVEL_OFFSET:
+        # Levels relative to normal: a negative offset asks for more load, which a limit cannot give.
+        if math.isfinite(interval.value) and interval.value < 0:
+            return None
+        return _level_limit(interval.value, station, settings)
+    if key == CAPACITY:
         return _capacity_limit(interval.value, station)
+    if key in CAP_SIGNALS:
+        raise UnsupportedSignal(f"{interval.signal_type} is a cap over all targeted stations (cap_watts)")
     raise UnsupportedSignal(f"unsupported signal {interval.signal_name}/{interval.signal_type}")
+
+
+def cap_watts(interval: SignalInterval, baseline_w: float) -> float | None:
+    """The cap (W) a setpoint or percent-offset interval puts on everything the event targets; None: no cap.
+
+    baseline_w is the targeted stations' power before the event, which a percent offset is relative to.
+    """
+    key = (interval.signal_name, interval.signal_type)
+    value = interval.value
+    if not math.isfinite(value):
+        raise UnsupportedSignal(f"{interval.signal_type} {value!r} is not a number")
+    if key in SETPOINTS:
+        return max(0.0, value * 1000.0)  # kW
+    if key == PERCENT_OFFSET:
+        # A change from normal: -20 means 20 % below the baseline. An increase cannot be asked of a limit.
+        if value >= 0:
+            return None
+        return max(0.0, baseline_w * (1.0 + value / 100.0))
+    raise UnsupportedSignal(f"{interval.signal_name}/{interval.signal_type} is not a cap signal")
 
 
 def _level_limit(value: float, station: Station, settings: PolicySettings) -> Limit | None:
@@ -171,25 +212,87 @@ def restore_plan(station: Station) -> tuple[str, Limit | None]:
     return ("set", Limit("current", station.max_current))
 
 
+def session_limits(
+    budgets: Mapping[str, Sequence[tuple[Limit | None, S]]],
+    caps: Sequence[tuple[Cap, S]],
+    stations: Mapping[str, Station],
+    sessions_by_station: Mapping[str, Sequence[str]],
+    settings: PolicySettings,
+    weights: Mapping[str, float] | None = None,
+) -> dict[str, tuple[Limit | None, S | None]]:
+    """session_id -> (limit, who asked) for every running session on a configured station.
+
+    Per station the most restrictive budget is shared equally by its sessions; each cap is then shared by
+    every session on its stations, none above its station share; a session keeps the lowest of them.
+    """
+    result: dict[str, tuple[Limit | None, S | None]] = {}
+    for station_id, session_ids in sessions_by_station.items():
+        station = stations.get(station_id)
+        if station is None:
+            continue  # not ours to limit
+        entries = list(budgets.get(station_id, ()))
+        budget = most_restrictive([limit for limit, _ in entries], station)
+        source = next((src for limit, src in entries if limit == budget), None) if budget is not None else None
+        for session_id, limit in share(station, budget, session_ids, settings).items():
+            result[session_id] = (limit, source if limit is not None else None)
+    for cap, source in caps:
+        claims = _claims(cap, stations, sessions_by_station, result, settings, weights or {})
+        amps = allocate(cap.watts, claims)
+        for claim in claims:
+            station = stations[claim.station_id]
+            limit = _from_amps(station, amps[claim.session_id])
+            current = result[claim.session_id][0]
+            if current is None or to_watts(limit, station) < to_watts(current, station):
+                result[claim.session_id] = (limit, source)
+    return result
+
+
+def _claims(cap: Cap, stations: Mapping[str, Station], sessions_by_station: Mapping[str, Sequence[str]],
+            shares: Mapping[str, tuple[Limit | None, object]], settings: PolicySettings,
+            weights: Mapping[str, float]) -> list[Claim]:
+    claims = []
+    for station_id in sorted(cap.station_ids):
+        station = stations.get(station_id)
+        session_ids = sessions_by_station.get(station_id) or []
+        if station is None or not session_ids:
+            continue
+        # A session never gets more than its share of the station (with below_min applied): of the
+        # station's own budget when a level or capacity signal limits it too, else of max_current.
+        whole = share(station, Limit("current", station.max_current), session_ids, settings)
+        for session_id in session_ids:
+            own = shares[session_id][0] or whole[session_id]
+            ceiling = own.value if own.unit == "current" else own.value / station.watts_per_amp
+            claims.append(Claim(session_id=session_id, station_id=station_id,
+                                watts_per_amp=station.watts_per_amp, ceiling_a=min(ceiling, station.max_current),
+                                min_a=0.0 if station.limit_unit == "power" else min(settings.min_current,
+                                                                                     station.max_current),
+                                priority=station.priority, weight=weights.get(session_id)))
+    return claims
+
+
+def _from_amps(station: Station, amps: float) -> Limit:
+    """A cap share (A per phase) in the unit the station is sent; caps are shared as current."""
+    unit = send_unit(station, "current")
+    if unit == "current":
+        return Limit("current", amps)
+    return Limit("power", _floor_in_unit(station, "power", amps * station.watts_per_amp))
+
+
 def desired_limits(
     active_intervals_by_station: dict[str, list[SignalInterval]],
     stations: dict[str, Station],
     sessions_by_station: dict[str, list[str]],
     settings: PolicySettings,
+    caps: Sequence[Cap] = (),
 ) -> dict[str, Limit | None]:
     """session_id -> limit for every running session on a configured station.
 
     Sessions on stations that are not configured are not ours to limit and are left out.
     """
-    result: dict[str, Limit | None] = {}
-    for station_id, session_ids in sessions_by_station.items():
-        station = stations.get(station_id)
-        if station is None:
-            continue
-        intervals = active_intervals_by_station.get(station_id, [])
-        budget = most_restrictive(_budgets(intervals, station, settings), station)
-        result.update(share(station, budget, session_ids, settings))
-    return result
+    budgets = {sid: [(limit, None) for limit in _budgets(intervals, stations[sid], settings)]
+               for sid, intervals in active_intervals_by_station.items() if sid in stations}
+    plan = session_limits(budgets, [(cap, None) for cap in caps], stations, sessions_by_station, settings)
+    return {session_id: limit for session_id, (limit, _) in plan.items()}
 
 
 def _budgets(
@@ -199,6 +302,8 @@ def _budgets(
     for interval in intervals:
         if not is_supported(interval.signal_name, interval.signal_type):
             continue
+        if is_cap_signal(interval.signal_name, interval.signal_type):
+            continue  # shared over stations: see session_limits
         try:
             budgets.append(station_limit(interval, station, settings))
         except UnsupportedSignal:

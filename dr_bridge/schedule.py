@@ -74,6 +74,20 @@ def boundaries(event: Event, offset_s: float, max_event_hours: float) -> list[da
     return sorted(t for t in times if t <= end)
 
 
+def restore_spread(event: Event, restore_spread_s: float) -> timedelta:
+    """How long the restore after the end is spread over: restore_spread_s, or the event's recovery period
+    when the utility sent a longer one."""
+    configured = timedelta(seconds=max(0.0, restore_spread_s))
+    return max(configured, event.recovery or timedelta(0))
+
+
+def staggered_restore_at(end: datetime, spread: timedelta, rank: int, count: int) -> datetime:
+    """When the session in place `rank` of `count` is restored: evenly over [end, end + spread), the first
+    at the end, so every one is done by end + spread and the load comes back in steps, not one peak."""
+    count = max(1, count)
+    return end + spread * (min(max(0, rank), count - 1) / count)
+
+
 def status_at(event: Event, at: datetime, offset_s: float, max_event_hours: float) -> str:
     """pending / active / completed / cancelled, from the clock rather than the VTN's event_status,
     which lags behind and ignores the randomisation offset."""

@@ -45,10 +45,15 @@ def capacity(value: float) -> SignalInterval:
 def test_supported_signals_are_case_sensitive():
     assert is_supported("SIMPLE", "level")
     assert is_supported("LOAD_CONTROL", "x-loadControlCapacity")
+    assert is_supported("LOAD_CONTROL", "x-loadControlSetpoint")
+    assert is_supported("LOAD_DISPATCH", "setpoint")
+    assert is_supported("LOAD_CONTROL", "x-loadControlPercentOffset")
+    assert is_supported("LOAD_CONTROL", "x-loadControlLevelOffset")
     assert not is_supported("SIMPLE", "LEVEL")
-    assert not is_supported("LOAD_CONTROL", "x-loadControlSetpoint")
+    assert not is_supported("LOAD_DISPATCH", "delta")
+    assert not is_supported("LOAD_CONTROL", "x-loadControlSetpoint in A")  # a setpoint in a unit we cannot read
     assert not is_supported("ELECTRICITY_PRICE", "price")
-    assert len(SUPPORTED_SIGNALS) == 2
+    assert len(SUPPORTED_SIGNALS) == 6
 
 
 def test_level_zero_means_no_limit():

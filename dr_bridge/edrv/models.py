@@ -110,19 +110,30 @@ class Session:
     current_a: float | None = None
     energy_report_at: datetime | None = None
     target_energy_kwh: float | None = None
+    energy_kwh: float | None = None  # charged so far (metrics.energyConsumed, Wh)
 
     @property
     def running(self) -> bool:
         return self.status.lower() == "started"
 
+    @property
+    def energy_need_kwh(self) -> float | None:
+        """Energy still wanted when the driver set an energy target; None when there is none."""
+        if self.target_energy_kwh is None or self.target_energy_kwh <= 0:
+            return None
+        return max(0.0, self.target_energy_kwh - (self.energy_kwh or 0.0))
+
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> Session:
         power, current, at = parse_energy_report(obj.get("energy_report"))
         target = obj.get("target")
+        metrics = obj.get("metrics")
+        consumed_wh = _num(metrics.get("energyConsumed")) if isinstance(metrics, dict) else None
         return cls(id=_id(obj.get("_id")) or "", chargestation_id=_id(obj.get("chargestation")),
                    connector_id=_id(obj.get("connector")), status=str(obj.get("status") or ""),
                    power_kw=power, current_a=current, energy_report_at=at,
-                   target_energy_kwh=_num(target.get("energy")) if isinstance(target, dict) else None)
+                   target_energy_kwh=_num(target.get("energy")) if isinstance(target, dict) else None,
+                   energy_kwh=consumed_wh / 1000.0 if consumed_wh is not None else None)
 
 
 @dataclass(frozen=True)

@@ -101,6 +101,7 @@ class _Session:
     status: str = "Started"
     ended: float | None = None
     limit_a: float | None = None  # what the EV obeys now; None: no limit
+    target_energy_kwh: float | None = None  # the driver's energy target, if any
     pending: list[tuple[float, float | None]] = field(default_factory=list)  # (effective at, limit_a)
     history: list[tuple[float, float]] = field(default_factory=list)  # (unix s, kW), a step function
     updated: float = 0.0
@@ -231,7 +232,7 @@ class EdrvSimulator:
         return sid
 
     def start_session(self, station_id: str, *, ev_max_current: float | None = None,
-                      send_webhook: bool = True) -> str:
+                      target_energy_kwh: float | None = None, send_webhook: bool = True) -> str:
         station = self._stations[station_id]
         busy = {s.connector_id for s in self._sessions.values() if s.station_id == station_id and s.ended is None}
         free = [c for c in station.connectors if c not in busy]
@@ -239,7 +240,8 @@ class EdrvSimulator:
             raise ValueError(f"station {station_id} has no free connector")
         now = time.time()
         session = _Session(id=self._new_id(), station_id=station_id, connector_id=free[0],
-                           ev_max_current=ev_max_current, started=now, updated=now)
+                           ev_max_current=ev_max_current, started=now, updated=now,
+                           target_energy_kwh=target_energy_kwh)
         self._sessions[session.id] = session
         session.history.append((now, self._draw_kw(session)))
         if send_webhook:
@@ -375,7 +377,8 @@ class EdrvSimulator:
         state = "Charging" if kw else "SuspendedEVSE"
         return {
             "_id": session.id, "user": None, "chargestation": station.id, "connector": session.connector_id,
-            "status": getattr(session.status, self.status_case)(), "reservation": None, "target": {},
+            "status": getattr(session.status, self.status_case)(), "reservation": None,
+            "target": {} if session.target_energy_kwh is None else {"energy": session.target_energy_kwh},
             "configurations": {"include_raw_energy_report": False},
             "metrics": {"chargingStart": iso(session.started),
                         "chargingStop": iso(session.ended) if session.ended else None,
