@@ -25,8 +25,9 @@ from dr_bridge.edrv.models import Session
 from dr_bridge.edrv.webhooks import Envelope, action_status
 from dr_bridge.eventlog import event_from_json, event_to_json, iso
 from dr_bridge.policy import (PERCENT_OFFSET, UnsupportedSignal, cap_watts, is_cap_signal, is_supported,
-                              session_limits, station_limit, to_watts)
-from dr_bridge.reporting import overlapping
+                              session_limits, station_limit, to_watts, unusable)
+from dr_bridge.performance import HOLD, mean_power
+from dr_bridge.reporting import overlapping, samples
 from dr_bridge.store import EventRow, IntervalRow, OptOutRow, ReadingRow, Store, utcnow
 from dr_bridge.targets import select_stations
 
@@ -187,6 +188,8 @@ class Engine:
         elif not any(is_supported(i.signal_name, i.signal_type) for i in ev.intervals):
             names = sorted({f"{i.signal_name}/{i.signal_type}" for i in ev.intervals}) or ["none"]
             opt, reason = OPT_OUT, f"no supported signal ({', '.join(names)})"
+        elif (problem := unusable(ev.intervals, stations, self.settings)) is not None:
+            opt, reason = OPT_OUT, f"no usable interval: {problem}"
         elif any(o.resource_id is None for o in self.store.opt_outs(ev.event_id)):
             opt, reason = OPT_OUT, "opted out by the operator"  # a modification does not undo that
         elif self.dry_run:
@@ -350,22 +353,18 @@ class Engine:
     def _baseline_w(self, live: LiveEvent, station_ids: list[str]) -> float:
         """The power (W) the stations drew before the event: what x-loadControlPercentOffset is relative to.
 
-        A stand-in until the measured-reduction baseline is shared (performance.py, issue #5): the mean of
-        each session's readings in the `baseline_minutes` before the effective start, summed. Without any
-        reading the stations' maximum power stands in for "normal", and the log says so.
+        The same time-weighted mean as the measured reduction's baseline. Without any reading the stations'
+        maximum power stands in for "normal", and the log says so.
         """
         key = frozenset(station_ids)
         if key in live.baselines_w:
             return live.baselines_w[key]
         start = schedule.effective_start(live.event, live.offset_s)
         since = start - timedelta(minutes=self.cfg.bridge.baseline_minutes)
-        per_session: dict[str, list[float]] = {}
-        for sid in station_ids:
-            for r in self.store.readings(sid, since):
-                if r.at < start and r.power_kw is not None:
-                    per_session.setdefault(r.session_id, []).append(r.power_kw)
-        if per_session:
-            baseline = 1000.0 * sum(sum(v) / len(v) for v in per_session.values())
+        mine = {sid: self.stations[sid] for sid in station_ids}
+        mean = mean_power(samples(self.store.readings_between(mine, since - HOLD, start), mine), since, start)
+        if mean is not None:
+            baseline = 1000.0 * mean.kw
         else:
             baseline = sum(self.stations[sid].max_power_w for sid in station_ids)
             log.warning("event %s: no power readings before the event; its percent offset applies to the "

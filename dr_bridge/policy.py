@@ -42,6 +42,29 @@ def is_cap_signal(signal_name: str, signal_type: str) -> bool:
     return (signal_name, signal_type) in CAP_SIGNALS
 
 
+def unusable(intervals: Iterable[SignalInterval], stations: Sequence[Station],
+             settings: PolicySettings) -> str | None:
+    """Why no interval of an event can be acted on for these stations (None: at least one can).
+
+    Values are checked when the event arrives, so the VTN hears optOut at once instead of an optIn for an
+    event that would then do nothing (a negative level, a value that is not a number).
+    """
+    problems: list[str] = []
+    for iv in intervals:
+        try:
+            if is_cap_signal(iv.signal_name, iv.signal_type):
+                cap_watts(iv, 0.0)
+                return None
+            if not is_supported(iv.signal_name, iv.signal_type):
+                raise UnsupportedSignal(f"unsupported signal {iv.signal_name}/{iv.signal_type}")
+            for station in stations:
+                station_limit(iv, station, settings)
+            return None
+        except UnsupportedSignal as exc:
+            problems.append(str(exc))
+    return "; ".join(dict.fromkeys(problems)) or "no signal"
+
+
 # --- station budget for one signal interval -------------------------------------------------------
 
 

@@ -49,6 +49,7 @@ def wire_rewriting_vtn(monkeypatch):
 
 BAD = {
     "unknown signal": dict(signal_name="ELECTRICITY_PRICE", signal_type="price", value=0.42),
+    "negative level": dict(value=3, wire={"3.0": "-1"}),
     "unknown resource": dict(value=2, targets=[{"resource_id": "no-such-charger"}]),
     "other VEN only": dict(value=2, targets=[{"ven_id": "SOMEONE-ELSE"}]),
 }

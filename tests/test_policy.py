@@ -15,6 +15,7 @@ from dr_bridge.policy import (
     share,
     station_limit,
     to_watts,
+    unusable,
 )
 
 T0 = datetime(2026, 1, 1, 12, tzinfo=timezone.utc)
@@ -329,3 +330,20 @@ def test_share_properties(station, budget, n, min_current):
         if raised[sid] != paused[sid]:
             assert paused[sid].value == 0 and budget.value > 0
             assert not _below(raised[sid], station, floor_a)
+
+
+# --- checked on arrival -------------------------------------------------------------------------
+
+
+def test_an_event_is_unusable_only_when_no_interval_can_be_acted_on():
+    price = SignalInterval("ELECTRICITY_PRICE", "price", T0, None, 0.3)
+    setpoint = SignalInterval("LOAD_CONTROL", "x-loadControlSetpoint", T0, None, 50.0)
+    assert unusable([level(2)], [AC], SETTINGS) is None
+    assert unusable([level(0)], [AC], SETTINGS) is None  # level 0 is a valid "no limit"
+    assert unusable([level(-1), level(2)], [AC], SETTINGS) is None  # one good interval is enough
+    assert unusable([setpoint], [AC], SETTINGS) is None
+    assert "negative" in unusable([level(-1)], [AC], SETTINGS)
+    assert "not a number" in unusable([level(float("nan")), price], [AC], SETTINGS)
+    assert "ELECTRICITY_PRICE/price" in unusable([price], [AC], SETTINGS)
+    nan_setpoint = SignalInterval("LOAD_CONTROL", "x-loadControlSetpoint", T0, None, float("inf"))
+    assert "not a number" in unusable([nan_setpoint], [AC], SETTINGS)
