@@ -174,6 +174,14 @@ class Dispatcher:
                 if not slot.ended and slot.desired is not None and slot.desired.kind == "restore"
                 and slot.applied != RESTORED and now - slot.since > after_s]
 
+    def drop_finished(self) -> int:
+        """Forget ended sessions whose worker is done, so memory does not grow with every session ever seen."""
+        done = [sid for sid, slot in self._slots.items()
+                if slot.ended and (slot.worker is None or slot.worker.done())]
+        for sid in done:
+            del self._slots[sid]
+        return len(done)
+
     def session_ended(self, session_id: str) -> None:
         slot = self._slots.get(session_id)
         if slot is not None:

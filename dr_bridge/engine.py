@@ -573,6 +573,19 @@ class Engine:
 
     async def _prune(self) -> None:
         self.store.prune(utcnow() - timedelta(days=self.cfg.bridge.readings_retention_days))
+        self._drop_finished(self.clock())
+
+    def _drop_finished(self, now: datetime) -> None:
+        """A bridge runs for months: forget events that are over (their restores included) and sessions that
+        ended. The database keeps them; a re-sent event is answered from there."""
+        for event_id, live in list(self.events.items()):
+            if live.status not in (COMPLETED, CANCELLED) or self.dispatcher.sessions_of_event(event_id):
+                continue
+            end = schedule.effective_end(live.event, live.offset_s, self.cfg.bridge.max_event_hours)
+            if live.status == CANCELLED or end + schedule.restore_spread(
+                    live.event, self.cfg.bridge.restore_spread_s) < now:
+                del self.events[event_id]
+        self.dispatcher.drop_finished()
 
     # --- health --------------------------------------------------------------------------------------
     def active_event_ids(self) -> list[str]:

@@ -241,3 +241,4 @@ async def test_release_all_never_resends_an_old_limit_on_a_station_it_no_longer_
     await bridge.engine.release_all(timeout=2)
     assert [c for c in rig.sim.limit_calls() if c[0] == "S-GONE"] == []
     assert [s.session_id for s in bridge.store.session_states(limited_only=True)] == ["S-GONE"]
+

@@ -6,7 +6,7 @@ import hashlib
 import hmac
 import json
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 import httpx
 import pytest
@@ -197,3 +197,18 @@ async def test_station_offline_is_non_compliant_and_relimited_when_back(rig, bri
     rig.sim.set_online(rig.station_ids["A"], True)
     await wait_for(lambda: [c for c in calls(rig, "A")[1:] if c == ("set_power_limit", {"unit": "current",
                                                                                          "limit": 16})], 10)
+
+
+async def test_finished_events_and_ended_sessions_are_forgotten_in_memory_not_in_the_log(rig, bridge):
+    event_id = rig.vtn.add_event(bridge.ven.ven_id, intervals=[(soon(2), timedelta(seconds=2), 2)],
+                                 targets=[{"resource_id": "A"}])
+    await wait_for(lambda: ("clear_power_limit", {}) in calls(rig, "A"), 15)
+    session = rig.sessions["A"][0]
+    rig.sim.end_session(session)  # eDRV sends session.ended
+    dispatcher = bridge.engine.dispatcher
+    await wait_for(lambda: dispatcher.drop_finished() or not dispatcher.known(session), 10)
+    bridge.engine._drop_finished(datetime.now(timezone.utc))
+    assert event_id not in bridge.engine.events
+    # The event log keeps everything.
+    assert bridge.store.get_event(event_id).status == "completed"
+    assert [a.purpose for a in bridge.store.actions(event_id)] == ["limit", "restore"]
