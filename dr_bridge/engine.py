@@ -34,6 +34,7 @@ from dr_bridge.targets import select_stations
 log = logging.getLogger("dr_bridge.engine")
 
 OPT_IN, OPT_OUT = "optIn", "optOut"
+RETRY_RECOMPUTE_S = 1.0
 
 
 @dataclass
@@ -159,7 +160,9 @@ class Engine:
             try:
                 await self.recompute()
             except Exception:
-                log.exception("recompute failed; will retry on the next tick")
+                # Typically the database or eDRV away for a moment: try again soon, not a reconcile later.
+                log.exception("recompute failed; retrying in %g s", RETRY_RECOMPUTE_S)
+                asyncio.get_running_loop().call_later(RETRY_RECOMPUTE_S, self.kick)
             if not self._dirty.is_set():
                 self._idle.set()
 
@@ -454,9 +457,10 @@ class Engine:
         if status == COMPLETED and now >= backstop:
             log.warning("event %s reached max_event_hours (%s h): restoring", live.event.event_id,
                         self.cfg.bridge.max_event_hours)
+        # The database first: if it is away, the next pass finds the change again and records it then.
+        self.store.set_event_status(live.event.event_id, status)
         log.info("event %s is now %s", live.event.event_id, status)
         live.status = status
-        self.store.set_event_status(live.event.event_id, status)
 
     async def _refresh_sessions(self, station_ids: list[str]) -> None:
         """Ask eDRV which sessions run now; sessions we limited that no longer run are done with."""
