@@ -294,9 +294,12 @@ class Engine:
         scope = sorted(set(budgets) | {s for s in held if s in self.stations})
         if not scope:
             return
-        await self._refresh_sessions(scope)
-        for sid in scope:
-            self.stations[sid] = await self._resolve(self.stations[sid])
+        if not await self._refresh_sessions(scope):
+            # Limits are due and eDRV would not say which sessions run: ask again soon, not a reconcile later.
+            asyncio.get_running_loop().call_later(RETRY_RECOMPUTE_S, self.kick)
+        # At once, not one after another: under a 429 storm each may take seconds, and the limits wait on them.
+        for sid, station in zip(scope, await asyncio.gather(*(self._resolve(self.stations[sid]) for sid in scope))):
+            self.stations[sid] = station
         stations = {sid: self.stations[sid] for sid in scope}
         sessions = {sid: self.running.get(sid, []) for sid in scope}
         plan = session_limits(budgets, caps, stations, sessions, self.settings, self._cap_weights(sessions))
@@ -462,14 +465,15 @@ class Engine:
         log.info("event %s is now %s", live.event.event_id, status)
         live.status = status
 
-    async def _refresh_sessions(self, station_ids: list[str]) -> None:
-        """Ask eDRV which sessions run now; sessions we limited that no longer run are done with."""
+    async def _refresh_sessions(self, station_ids: list[str]) -> bool:
+        """Ask eDRV which sessions run now; sessions we limited that no longer run are done with.
+        False when eDRV did not answer (the last known list stands)."""
         try:
             # One paginated listing filtered here, rather than one query per station on every pass.
             sessions = await self.client.list_running_sessions(None if len(station_ids) > 4 else station_ids)
         except EdrvError as exc:
             log.warning("could not list running sessions (%s); using the last known list", exc)
-            return
+            return False
         self.last_edrv_ok = utcnow()
         running: dict[str, list[str]] = {sid: [] for sid in station_ids}
         for s in sessions:
@@ -486,6 +490,7 @@ class Engine:
             if self.dispatcher.station_of(session_id) in running and session_id not in live_ids:
                 log.info("session %s has ended; nothing to restore", session_id)
                 self.dispatcher.session_ended(session_id)
+        return True
 
     async def _resolve(self, station: Station) -> Station:
         """Fill in the simulator flag from eDRV when the config leaves it to eDRV."""
