@@ -51,7 +51,7 @@ async def test_events_list_and_show_json_follow_the_contract(rig, bridge, tmp_pa
     assert detail["opt_outs"] == []
 
     table = runner.invoke(app, ["events", "show", event_id, "--config", str(cfg)])
-    assert table.exit_code == 0 and "clear (restore)" in table.stdout and event_id in table.stdout
+    assert table.exit_code == 0 and "restore (clear)" in table.stdout and event_id in table.stdout
     assert runner.invoke(app, ["events", "list", "--config", str(cfg), "--status", "active", "--json"]).stdout \
         .strip() == "[]"
     missing = runner.invoke(app, ["events", "show", "NOPE", "--config", str(cfg)])
