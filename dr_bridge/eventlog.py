@@ -66,7 +66,8 @@ def event_summary(row: EventRow) -> dict[str, Any]:
     }
 
 
-def event_detail(store: Store, event_id: str) -> dict[str, Any] | None:
+def event_detail(store: Store, event_id: str, limit: int | None = None, offset: int = 0) -> dict[str, Any] | None:
+    """CONTRACT.md's `events show --json` object; `limit` and `offset` page through the actions."""
     row = store.get_event(event_id)
     if row is None:
         return None
@@ -76,7 +77,7 @@ def event_detail(store: Store, event_id: str) -> dict[str, Any] | None:
     out["actions"] = [{"at": iso(a.at), "session_id": a.session_id, "chargestation_id": a.chargestation_id,
                        "resource_id": a.resource_id, "kind": a.kind, "purpose": a.purpose, "unit": a.unit,
                        "limit": a.limit, "status": a.status, "attempts": a.attempts, "detail": a.detail,
-                       "edrv_action_id": a.edrv_action_id} for a in store.actions(event_id=event_id)]
+                       "edrv_action_id": a.edrv_action_id} for a in store.action_log(event_id, limit, offset)]
     out["opt_outs"] = [{"at": iso(o.at), "resource_id": o.resource_id, "reason": o.reason, "source": o.source,
                         "sent": o.sent, "acknowledged": o.acknowledged, "opt_reason": o.opt_reason,
                         "modification_number": o.modification_number, "attempts": o.attempts}
@@ -95,7 +96,7 @@ def list_events(store: Store, *, since: datetime | None = None, status: str | No
                 resource: str | None = None) -> list[dict[str, Any]]:
     rows = store.events(statuses=[status] if status else None, since=since)
     if resource:
-        touched = {a.event_id for a in store.actions() if a.resource_id == resource}
+        touched = store.event_ids_touching(resource)
         rows = [r for r in rows if r.event_id in touched or resource in json.loads(r.event_json)
                 .get("targets", {}).get("resource_id", [])]
     return [event_summary(r) for r in rows]
