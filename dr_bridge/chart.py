@@ -29,19 +29,23 @@ def chart_data(store: Store, cfg, d: dict[str, Any], resource: str | None = None
     intervals = [(parse_iso(i["start"]) + offset, parse_iso(i["end"]) and parse_iso(i["end"]) + offset,
                   f"{i['signal_type']} {i['value']:g}") for i in d["intervals"]]
     actions = [a for a in d["actions"] if a["status"] not in NOT_IN_FORCE]
-    t0 = parse_iso(d["effective_start"]) - timedelta(minutes=cfg.bridge.baseline_minutes)
-    t1 = _chart_end(d, intervals, actions)
-
     resource_of = {a["chargestation_id"]: a["resource_id"] for a in d["actions"]}
     resources = sorted(set(resource_of.values()))
     if resource is not None:
         resources = [r for r in resources if r == resource]
     shown, omitted = resources[:MAX_RESOURCES], resources[MAX_RESOURCES:]
 
+    # From the baseline window before the start (what the reduction is measured against), or from the first
+    # reading when the bridge heard of none that early, so the event is not squeezed into a corner.
+    start = parse_iso(d["effective_start"])
+    t0, t1 = start - timedelta(minutes=cfg.bridge.baseline_minutes), _chart_end(d, intervals, actions)
+    wanted = [cs for cs, r in resource_of.items() if r in shown]
+    readings = store.reading_log(wanted, t0, t1) if wanted else []
+    t0 = min(start, max(t0, readings[0].at)) if readings else min(start, t0 + (start - t0) * 0.9)
+
     step = max(0.1, (t1 - t0).total_seconds() / MAX_POINTS)
     grid: set[float] = {0.0, _q(t1, t0, step)}
     grid |= {_q(t, t0, step) for s, e, _ in intervals for t in (s, e) if t is not None and t0 <= t <= t1}
-
     limits: dict[str, dict[str, list[tuple[float, float | None]]]] = defaultdict(lambda: defaultdict(list))
     for a in actions:
         if a["resource_id"] in shown:
@@ -49,8 +53,6 @@ def chart_data(store: Store, cfg, d: dict[str, Any], resource: str | None = None
             limits[a["resource_id"]][a["session_id"]].append((t, _limit_kw(a, stations)))
             grid.add(t)
     power: dict[str, dict[str, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
-    wanted = [cs for cs, r in resource_of.items() if r in shown]
-    readings = store.reading_log(wanted, t0, t1) if wanted else []
     station_of = {r.session_id: r.chargestation_id for r in readings}
     for s in samples(readings, stations):
         t = _q(s.at, t0, step)

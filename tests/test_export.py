@@ -25,13 +25,15 @@ def t(seconds: float) -> datetime:
 def add_event(store: Store, event_id: str, start: datetime, resource: str, n_sessions: int = 2,
               status: str = "completed") -> None:
     targets = json.dumps({"targets": {"resource_id": [resource]}})
-    store.save_event(EventRow(event_id=event_id, ven_id="VEN1", modification_number=1, status=status, opt="optIn",
-                              start=start, end=start + timedelta(minutes=20), effective_start=start + timedelta(seconds=5),
-                              offset_s=5, received_at=start - timedelta(hours=1), event_json=targets),
+    store.save_event(EventRow(event_id=event_id, ven_id="VEN1", modification_number=1, status=status,
+                              opt="optIn", start=start, end=start + timedelta(minutes=20),
+                              effective_start=start + timedelta(seconds=5), offset_s=5,
+                              received_at=start - timedelta(hours=1), event_json=targets),
                      [IntervalRow(event_id=event_id, start=start, end=start + timedelta(minutes=10),
                                   signal_name="SIMPLE", signal_type="level", value=1),
                       IntervalRow(event_id=event_id, start=start + timedelta(minutes=10),
-                                  end=start + timedelta(minutes=20), signal_name="SIMPLE", signal_type="level", value=2)])
+                                  end=start + timedelta(minutes=20), signal_name="SIMPLE", signal_type="level",
+                                  value=2)])
     for k in range(n_sessions):
         store.add_action(ActionRow(event_id=event_id, at=start + timedelta(seconds=5.2), session_id=f"sess{k:08x}",
                                    chargestation_id="CS-1", resource_id=resource, kind="set_power_limit",

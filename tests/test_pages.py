@@ -158,3 +158,19 @@ def test_ids_and_details_from_outside_are_escaped(tmp_path):
     html = render_event(event_detail(store, event_id))
     assert "<script>alert" not in html and "<img" not in html
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html and "&lt;img src=x onerror=alert(2)&gt;" in html
+
+
+def test_the_chart_sums_the_limits_in_force_per_resource_and_leaves_out_refused_calls(tmp_path):
+    from dr_bridge.chart import chart_data
+
+    store, event_id = hostile_event(tmp_path)
+    cfg = config_from_dict({"vtn": {"url": "http://127.0.0.1:1/x", "ven_name": "t"},
+                            "chargestations": [{"id": "CS-1", "max_current": 32}]})
+    data = chart_data(store, cfg, event_detail(store, event_id))
+    (res,) = data["resources"]
+    assert res["resource_id"] == "depot<b>-1" and [i["label"] for i in data["intervals"]] == ["level 1", "level 2"]
+    # Two sessions at 16.5 A on a 3 x 230 V station; the failed 7400 W call and the rejected restores never
+    # took effect, so the limit holds to the end.
+    in_force = [v for v in res["limit"] if v is not None]
+    assert in_force and set(in_force) == {round(2 * 16.5 * 690 / 1000, 3)}
+    assert res["limit"][-1] is not None and res["power"] == [None] * len(data["x"])  # no readings: a gap
