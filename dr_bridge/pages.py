@@ -60,7 +60,7 @@ def token_middleware(token: str | None, required: bool, exempt: set[str]):
             return await handler(request)
         if _same(request.query.get("token"), token):
             rest = {k: v for k, v in request.query.items() if k != "token"}
-            response = web.HTTPSeeOther(request.path + ("?" + urlencode(rest) if rest else ""))
+            response = web.HTTPSeeOther(request.rel_url.raw_path + ("?" + urlencode(rest) if rest else ""))
             response.set_cookie(COOKIE, token, httponly=True, samesite="Strict", path="/")
             return response
         return web.Response(status=401, headers={"WWW-Authenticate": "Bearer"},
@@ -150,7 +150,7 @@ def _event_href(event_id: str, **query: str) -> str:
 
 
 def render_list(rows: list[dict[str, Any]], query: dict[str, str]) -> str:
-    body = [f"<h1>Events</h1><form method=get class=filters>"]
+    body = ["<h1>Events</h1><p class=note>newest first</p><form method=get class=filters>"]
     for name, hint in (("since", "ISO time"), ("status", "pending|active|completed|cancelled"),
                        ("resource", "resource_id")):
         body.append(f'<label>{name} <input name="{name}" value="{e(query.get(name))}" placeholder="{hint}">'
@@ -161,7 +161,7 @@ def render_list(rows: list[dict[str, Any]], query: dict[str, str]) -> str:
     trs = [f'<tr class="status-{e(r["status"])}"><td><a href="{e(_event_href(r["event_id"]))}">{e(r["event_id"])}'
            f'</a></td><td>{e(r["modification_number"])}</td><td>{e(r["status"])}</td><td>{e(r["opt"] or "-")}</td>'
            f'<td>{e(r["start"])}</td><td>{e(r["end"] or "open-ended")}</td>'
-           f'<td>{"dry run" if r.get("dry_run") else ""}</td></tr>' for r in rows]
+           f'<td>{"dry run" if r.get("dry_run") else ""}</td></tr>' for r in reversed(rows)]
     if rows:
         body.append(_table(["event", "mod", "status", "answered", "start", "end", ""], trs, "events"))
     return _page("dr-bridge events", "".join(body))

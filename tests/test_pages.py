@@ -174,3 +174,20 @@ def test_the_chart_sums_the_limits_in_force_per_resource_and_leaves_out_refused_
     in_force = [v for v in res["limit"] if v is not None]
     assert in_force and set(in_force) == {round(2 * 16.5 * 690 / 1000, 3)}
     assert res["limit"][-1] is not None and res["power"] == [None] * len(data["x"])  # no readings: a gap
+
+
+def test_a_big_event_pages_its_timeline_and_counts_every_action(tmp_path, monkeypatch):
+    from dr_bridge import pages
+
+    monkeypatch.setattr(pages, "ACTIONS_PER_PAGE", 2)
+    store, event_id = hostile_event(tmp_path)
+    counts = store.action_counts(event_id)
+
+    def page(n: int) -> str:
+        return pages.render_event(event_detail(store, event_id, 2, (n - 1) * 2), counts, n)
+
+    first, last = page(1), page(3)
+    assert "5 actions:" in first and "actions 1–2 of 5 (page 1 of 3)" in first and "actions 5–5 of 5" in last
+    assert first.count('<tr class="action') == 2 and last.count('<tr class="action') == 1
+    assert "received, answered" in first and "received, answered" not in last  # each entry on one page
+    assert "event ends" in last and "event ends" not in first
