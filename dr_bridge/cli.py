@@ -53,10 +53,10 @@ def config_or_exit(path: str) -> Config:
 
 
 def open_store(cfg: Config):
-    from dr_bridge.store import Store, normalise_url
+    from dr_bridge.store import Store
 
     try:
-        return Store.open(normalise_url(cfg.bridge.database_url))
+        return Store.for_config(cfg)
     except Exception as exc:  # one line: which database, what went wrong
         fail(f"cannot open the database ({exc.__class__.__name__}: {str(exc).splitlines()[0]})")
 
@@ -78,9 +78,13 @@ def run_command(config: str = ConfigOpt,
     cfg = config_or_exit(config)
     key = api_key_or_exit(cfg)
     setup_logging(debug)
-    from dr_bridge.daemon import run_daemon
+    from dr_bridge.daemon import StationConflict, run_daemon
 
-    raise typer.Exit(asyncio.run(run_daemon(cfg, key, dry_run=dry_run, restore_on_exit=restore_on_exit)))
+    try:
+        code = asyncio.run(run_daemon(cfg, key, dry_run=dry_run, restore_on_exit=restore_on_exit))
+    except StationConflict as exc:
+        fail(str(exc), 2)
+    raise typer.Exit(code)
 
 
 @app.command("release-all", help="Emergency: restore every session the bridge still limits (no VTN needed).")

@@ -210,6 +210,8 @@ class StationConfig(_Section):
     limit_unit: domain.Unit | None = None
     priority: int = 0
     simulator: bool | None = None
+    # Another bridge on the same database may configure this station too (it must say shared as well).
+    shared: bool = False
 
     @field_validator("id")
     @classmethod
@@ -227,7 +229,8 @@ class StationConfig(_Section):
     def station(self) -> domain.Station:
         return domain.Station(id=self.id, resource_id=self.resource_id or self.id, max_current=self.max_current,
                               phases=self.phases, voltage=self.voltage, limit_unit=self.limit_unit,
-                              group=self.group, priority=self.priority, simulator=self.simulator)
+                              group=self.group, priority=self.priority, simulator=self.simulator,
+                              shared=self.shared)
 
 
 class Config(_Section):

@@ -13,9 +13,13 @@ from dr_bridge.edrv.client import EdrvClient
 from dr_bridge.engine import Engine
 from dr_bridge.openadr import Telemetry, Ven
 from dr_bridge.reporting import Reporter, resource_power_kw
-from dr_bridge.store import Store, normalise_url, utcnow
+from dr_bridge.store import Store, utcnow
 
 log = logging.getLogger("dr_bridge")
+
+
+class StationConflict(Exception):
+    """A configured station is claimed by another bridge on the same database, and not shared by both."""
 
 
 class Bridge:
@@ -24,7 +28,7 @@ class Bridge:
     def __init__(self, cfg: Config, api_key: str, *, dry_run: bool = False,
                  clock: Callable[[], datetime] = utcnow, vtn_backoff_s: float = 1.0, http: bool = True):
         self.cfg = cfg
-        self.store = Store.open(normalise_url(cfg.bridge.database_url))
+        self.store = Store.for_config(cfg)
         from dr_bridge.http import HttpServer, Metrics
 
         self.metrics = Metrics()
@@ -55,7 +59,23 @@ class Bridge:
         if outcome == "ok":
             self.engine.last_edrv_ok = utcnow()
 
+    def claim_stations(self) -> None:
+        """Two bridges limiting one station unawares would undo each other's limits and restores: refuse,
+        unless both mark the station shared (then they coordinate through the database)."""
+        stations = self.cfg.stations()
+        conflicts = self.store.claim_stations((s.id, s.resource_id, s.shared) for s in stations)
+        if not conflicts:
+            return
+        first = conflicts[0]
+        index = next(i for i, s in enumerate(stations) if s.id == first.chargestation_id)
+        more = f" ({len(conflicts) - 1} more station(s) likewise)" if len(conflicts) > 1 else ""
+        raise StationConflict(
+            f"{self.cfg.path or 'config'}: chargestations[{index}]: station {first.chargestation_id} is also "
+            f"configured in bridge {first.bridge!r} on this database; remove it from one of them, or set "
+            f"shared = true for it in both{more}")
+
     async def start(self) -> None:
+        self.claim_stations()
         await self.engine.start()
         if self.http is not None:
             await self.http.start()
@@ -85,7 +105,12 @@ async def run_daemon(cfg: Config, api_key: str, *, dry_run: bool, restore_on_exi
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     bridge = Bridge(cfg, api_key, dry_run=dry_run)
-    await bridge.start()
+    try:
+        await bridge.start()
+    except StationConflict:  # raised before anything started: close what __init__ opened
+        await bridge.client.aclose()
+        bridge.store.close()
+        raise
     log.info("dr-bridge running%s: VTN %s, eDRV %s, %d station(s)", " (dry run)" if bridge.engine.dry_run else "",
              cfg.vtn.url, cfg.edrv.base_url, len(bridge.engine.stations))
     await stop.wait()

@@ -29,6 +29,7 @@ class Station:
     group: str | None = None
     priority: int = 0
     simulator: bool | None = None  # None: ask eDRV (is_simulator)
+    shared: bool = False  # also configured in another bridge on the same database
 
     @property
     def watts_per_amp(self) -> float:

@@ -17,7 +17,7 @@ from typing import Callable
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from dr_bridge import schedule
+from dr_bridge import schedule, sharing
 from dr_bridge.dispatch import Desired, Dispatcher
 from dr_bridge.domain import ACTIVE, CANCELLED, COMPLETED, PENDING, Cap, Event, Limit, SignalInterval, Station
 from dr_bridge.edrv.errors import EdrvError
@@ -34,6 +34,7 @@ from dr_bridge.targets import select_stations
 log = logging.getLogger("dr_bridge.engine")
 
 OPT_IN, OPT_OUT = "optIn", "optOut"
+RETRY_RECOMPUTE_S = 1.0
 
 
 @dataclass
@@ -159,7 +160,9 @@ class Engine:
             try:
                 await self.recompute()
             except Exception:
-                log.exception("recompute failed; will retry on the next tick")
+                # Typically the database or eDRV away for a moment: try again soon, not a reconcile later.
+                log.exception("recompute failed; retrying in %g s", RETRY_RECOMPUTE_S)
+                asyncio.get_running_loop().call_later(RETRY_RECOMPUTE_S, self.kick)
             if not self._dirty.is_set():
                 self._idle.set()
 
@@ -297,7 +300,33 @@ class Engine:
         stations = {sid: self.stations[sid] for sid in scope}
         sessions = {sid: self.running.get(sid, []) for sid in scope}
         plan = session_limits(budgets, caps, stations, sessions, self.settings, self._cap_weights(sessions))
+        shared = [sid for sid in scope if stations[sid].shared]
+        if shared:
+            plan = self._share(plan, budgets, caps, stations, sessions, shared, now)
         await self._apply(plan, {x: stations[sid] for sid, ids in sessions.items() for x in ids}, now)
+
+    def _share(self, plan, budgets, caps, stations, sessions, shared: list[str], now: datetime):
+        """Stations shared with other bridges: publish this bridge's own wish, then hold them no looser than
+        the strictest wish of another bridge (sharing.py)."""
+        def until(owner: tuple[str, bool] | None) -> datetime | None:
+            live = self.events.get(owner[0]) if owner else None
+            if live is None or live.dry:
+                return None  # a dry run touches nothing, and a wish taken over from another lapses with it
+            return schedule.effective_end(live.event, live.offset_s, self.cfg.bridge.max_event_hours)
+
+        self.store.set_shared_limits(sharing.wishes(plan, stations, sessions, shared, until))
+        held = self.dispatcher.limited_sessions()
+        mine = sharing.interested(plan, {sid: sessions[sid] for sid in shared}, held)
+        others = [w for w in self.store.others_shared_limits(shared, now) if w.chargestation_id in mine]
+        if not others:
+            return plan
+        for w in others:
+            self._wake_at(w.until, f"{w.bridge}:{w.event_id}")  # its end may free the station: look again then
+            log.debug("station %s: bridge %s wants it at %.0f W until %s", w.chargestation_id, w.bridge, w.watts,
+                      iso(w.until))
+        merged = sharing.with_others(budgets, [(w.chargestation_id, w.watts, (w.event_id or w.bridge, False))
+                                               for w in others], {sid: stations[sid] for sid in mine})
+        return session_limits(merged, caps, stations, sessions, self.settings, self._cap_weights(sessions))
 
     async def _apply(self, plan: dict[str, tuple[Limit | None, tuple[str, bool] | None]],
                      station_of: dict[str, Station], now: datetime) -> None:
@@ -428,9 +457,10 @@ class Engine:
         if status == COMPLETED and now >= backstop:
             log.warning("event %s reached max_event_hours (%s h): restoring", live.event.event_id,
                         self.cfg.bridge.max_event_hours)
+        # The database first: if it is away, the next pass finds the change again and records it then.
+        self.store.set_event_status(live.event.event_id, status)
         log.info("event %s is now %s", live.event.event_id, status)
         live.status = status
-        self.store.set_event_status(live.event.event_id, status)
 
     async def _refresh_sessions(self, station_ids: list[str]) -> None:
         """Ask eDRV which sessions run now; sessions we limited that no longer run are done with."""

@@ -7,12 +7,12 @@ from rich.table import Table
 from dr_bridge.config import Config
 from dr_bridge.edrv.client import EdrvClient
 from dr_bridge.engine import Engine
-from dr_bridge.store import Store, normalise_url
+from dr_bridge.store import Store
 
 
 async def release_all(cfg: Config, api_key: str, console: Console, timeout: float = 120.0) -> list[str]:
     """Returns the sessions still limited afterwards (empty on success)."""
-    store = Store.open(normalise_url(cfg.bridge.database_url))
+    store = Store.for_config(cfg)
     async with EdrvClient(cfg.edrv.base_url, api_key, timeout_s=cfg.edrv.request_timeout_s,
                           max_concurrency=cfg.edrv.max_concurrency) as client:
         engine = Engine(cfg, store, client)

@@ -86,7 +86,8 @@ class Rig:
     def config(self) -> Config:
         return config_from_dict(self.config_dict(), source="rig")
 
-    def write_config(self, path: Path) -> Path:
+    def write_config(self, path: Path, d: dict[str, Any] | None = None) -> Path:
+        """The config as a TOML file: the rig's own, or `d` (a changed config_dict())."""
         import json
 
         def toml_value(v: Any) -> str:
@@ -94,7 +95,7 @@ class Rig:
                 return "{ " + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + " }"
             return json.dumps(v)
 
-        d = self.config_dict()
+        d = d or self.config_dict()
         lines = []
         for section in ("bridge", "vtn", "edrv", "http"):
             lines.append(f"[{section}]")

@@ -43,9 +43,16 @@ def _ts(**kw: Any) -> Any:
     return Field(sa_type=UTCDateTime, **kw)
 
 
+def _bridge(primary: bool = False) -> Any:
+    """Which bridge (VEN) a row belongs to: several bridges, one per utility program, share one database."""
+    if primary:
+        return Field(default="", primary_key=True)
+    return Field(default="", index=True)
+
+
 class VenState(SQLModel, table=True):
     __tablename__ = "ven_state"
-    id: int = Field(default=1, primary_key=True)
+    bridge: str = _bridge(primary=True)
     ven_id: Optional[str] = None
     registration_id: Optional[str] = None
     vtn_url: Optional[str] = None
@@ -54,6 +61,7 @@ class VenState(SQLModel, table=True):
 
 class EventRow(SQLModel, table=True):
     __tablename__ = "events"
+    bridge: str = _bridge(primary=True)
     event_id: str = Field(primary_key=True)
     ven_id: Optional[str] = None
     modification_number: int = 0
@@ -74,6 +82,7 @@ class EventRow(SQLModel, table=True):
 class IntervalRow(SQLModel, table=True):
     __tablename__ = "intervals"
     id: Optional[int] = Field(default=None, primary_key=True)
+    bridge: str = _bridge()
     event_id: str = Field(index=True)
     start: datetime = _ts()
     end: Optional[datetime] = _ts(default=None, nullable=True)
@@ -85,6 +94,7 @@ class IntervalRow(SQLModel, table=True):
 class ActionRow(SQLModel, table=True):
     __tablename__ = "actions"
     id: Optional[int] = Field(default=None, primary_key=True)
+    bridge: str = _bridge()
     event_id: Optional[str] = Field(default=None, index=True)
     at: datetime = _ts(default_factory=utcnow)
     updated_at: datetime = _ts(default_factory=utcnow)
@@ -105,6 +115,7 @@ class SessionState(SQLModel, table=True):
     """What the bridge did to one eDRV session: the durable list behind restores and `release-all`."""
 
     __tablename__ = "session_state"
+    bridge: str = _bridge(primary=True)
     session_id: str = Field(primary_key=True)
     chargestation_id: str = Field(index=True)
     resource_id: str
@@ -119,6 +130,7 @@ class SessionState(SQLModel, table=True):
 class OptOutRow(SQLModel, table=True):
     __tablename__ = "opt_outs"
     id: Optional[int] = Field(default=None, primary_key=True)
+    bridge: str = _bridge()
     at: datetime = _ts(default_factory=utcnow)
     event_id: Optional[str] = Field(default=None, index=True)
     modification_number: Optional[int] = None
@@ -144,6 +156,7 @@ class PerformanceRow(SQLModel, table=True):
 
     __tablename__ = "performance"
     id: Optional[int] = Field(default=None, primary_key=True)
+    bridge: str = _bridge()
     event_id: str = Field(index=True)
     modification_number: int = 0
     resource_id: str
@@ -166,6 +179,7 @@ class WebhookRow(SQLModel, table=True):
     """Every eDRV webhook as received, persisted before it is answered; `_id` makes delivery idempotent."""
 
     __tablename__ = "webhooks"
+    bridge: str = _bridge(primary=True)  # every bridge behind one eDRV account gets, and keeps, its own copy
     id: str = Field(primary_key=True)  # the envelope's _id
     type: str
     received_at: datetime = _ts(default_factory=utcnow)
@@ -179,11 +193,40 @@ class ReadingRow(SQLModel, table=True):
 
     __tablename__ = "readings"
     id: Optional[int] = Field(default=None, primary_key=True)
+    bridge: str = _bridge()
     at: datetime = _ts(index=True)
     session_id: str = Field(index=True)
     chargestation_id: str = Field(index=True)
     power_kw: Optional[float] = None
     current_a: Optional[float] = None
+
+
+class StationClaim(SQLModel, table=True):
+    """A bridge's claim on a chargestation. Two bridges limiting one station unawares would undo each
+    other's limits and restores, so a second claim is refused unless both bridges mark the station shared."""
+
+    __tablename__ = "station_claims"
+    chargestation_id: str = Field(primary_key=True)
+    bridge: str = Field(primary_key=True)
+    resource_id: str = ""
+    shared: bool = False
+    claimed_at: datetime = _ts(default_factory=utcnow)
+
+
+class SharedLimit(SQLModel, table=True):
+    """What one bridge wants a shared station held to (W, the whole station), until when: the other bridges
+    sharing it apply the strictest of these too, and restore only when none is left."""
+
+    __tablename__ = "shared_limits"
+    bridge: str = Field(primary_key=True)
+    chargestation_id: str = Field(primary_key=True)
+    watts: float
+    event_id: Optional[str] = None
+    until: datetime = _ts()
+    updated_at: datetime = _ts(default_factory=utcnow)
+
+
+SCOPED = (VenState, EventRow, IntervalRow, ActionRow, SessionState, OptOutRow, PerformanceRow, WebhookRow, ReadingRow)
 
 
 def normalise_url(url: str, base_dir: Path | None = None) -> str:
@@ -209,13 +252,18 @@ def upgrade(url: str) -> None:
 
 
 class Store:
-    """Small, explicit queries over the tables above. Every method is one short transaction."""
+    """Small, explicit queries over the tables above. Every method is one short transaction.
 
-    def __init__(self, engine: sa.Engine):
+    A store is scoped to one bridge (its VEN name): it reads and writes only that bridge's rows, so several
+    bridges, one per utility program, can share one PostgreSQL database.
+    """
+
+    def __init__(self, engine: sa.Engine, bridge: str = ""):
         self.engine = engine
+        self.bridge = bridge
 
     @classmethod
-    def open(cls, url: str, migrate: bool = True) -> "Store":
+    def open(cls, url: str, migrate: bool = True, bridge: str = "") -> "Store":
         if migrate:
             upgrade(url)
         connect_args = {"check_same_thread": False, "timeout": 30} if url.startswith("sqlite") else {}
@@ -226,7 +274,15 @@ class Store:
             def _wal(dbapi_conn, _record):  # noqa: ANN001
                 dbapi_conn.execute("PRAGMA journal_mode=WAL")
                 dbapi_conn.execute("PRAGMA busy_timeout=30000")
-        return cls(engine)
+        store = cls(engine, bridge)
+        if bridge:
+            store._adopt_unowned()
+        return store
+
+    @classmethod
+    def for_config(cls, cfg: Any) -> "Store":
+        """The store of the bridge a config describes: its database, its VEN's rows."""
+        return cls.open(normalise_url(cfg.bridge.database_url), bridge=cfg.vtn.ven_name)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -234,37 +290,99 @@ class Store:
     def session(self) -> Session:
         return Session(self.engine, expire_on_commit=False)
 
+    def _adopt_unowned(self) -> None:
+        """Rows written before bridges were told apart belong to the one bridge that used the database then:
+        the first named bridge to open it, and only while no other has."""
+        with self.session() as s:
+            named = s.exec(select(VenState.bridge).where(VenState.bridge != "")).first()
+            if named is not None:
+                return
+            for model in SCOPED:
+                s.execute(sa.update(model).where(model.bridge == "").values(bridge=self.bridge))
+            s.commit()
+
+    def _add(self, row: Any) -> Any:
+        with self.session() as s:
+            row.bridge = self.bridge
+            s.add(row)
+            s.commit()
+            s.refresh(row)
+            return row
+
     # --- VEN registration -------------------------------------------------------------------------
     def ven_state(self) -> VenState:
         with self.session() as s:
-            return s.get(VenState, 1) or VenState()
+            return s.get(VenState, self.bridge) or VenState(bridge=self.bridge)
 
     def save_ven_state(self, ven_id: str | None, registration_id: str | None, vtn_url: str | None) -> None:
         with self.session() as s:
-            row = s.get(VenState, 1) or VenState()
+            row = s.get(VenState, self.bridge) or VenState(bridge=self.bridge)
             row.ven_id, row.registration_id, row.vtn_url, row.updated_at = ven_id, registration_id, vtn_url, utcnow()
             s.add(row)
             s.commit()
 
+    # --- chargestations: claims and shared limits ---------------------------------------------------------
+    def claim_stations(self, claims: Iterable[tuple[str, str, bool]]) -> list[StationClaim]:
+        """Claim (chargestation id, resource id, shared) for this bridge, dropping its claims on stations it
+        no longer has. Returns the other bridges' claims that conflict (then nothing is claimed): a station
+        may be in two bridges only when both mark it shared."""
+        claims = list(claims)
+        ids = [c[0] for c in claims]
+        with self.session() as s:
+            if self.engine.dialect.name == "postgresql":
+                # Two bridges starting at once must not both find the other's claim missing.
+                s.execute(sa.text("SELECT pg_advisory_xact_lock(7403122)"))
+            others = list(s.exec(select(StationClaim).where(StationClaim.bridge != self.bridge,
+                                                            StationClaim.chargestation_id.in_(ids))))
+            shared = {c[0]: c[2] for c in claims}
+            conflicts = [o for o in others if not (o.shared and shared[o.chargestation_id])]
+            if conflicts:
+                s.rollback()
+                return sorted(conflicts, key=lambda c: (c.chargestation_id, c.bridge))
+            s.execute(sa.delete(StationClaim).where(StationClaim.bridge == self.bridge))
+            for station_id, resource_id, is_shared in claims:
+                s.add(StationClaim(chargestation_id=station_id, bridge=self.bridge, resource_id=resource_id,
+                                   shared=is_shared))
+            s.commit()
+            return []
+
+    def set_shared_limits(self, limits: dict[str, tuple[float, str | None, datetime]]) -> None:
+        """Replace this bridge's wishes for shared stations: station id -> (W, event id, until)."""
+        with self.session() as s:
+            s.execute(sa.delete(SharedLimit).where(SharedLimit.bridge == self.bridge))
+            for station_id, (watts, event_id, until) in limits.items():
+                s.add(SharedLimit(bridge=self.bridge, chargestation_id=station_id, watts=watts, event_id=event_id,
+                                  until=until))
+            s.commit()
+
+    def others_shared_limits(self, station_ids: Iterable[str], now: datetime) -> list[SharedLimit]:
+        """The other bridges' wishes for these stations that still hold at `now`."""
+        with self.session() as s:
+            q = select(SharedLimit).where(SharedLimit.bridge != self.bridge, SharedLimit.until > now,
+                                          SharedLimit.chargestation_id.in_(list(station_ids)))
+            return list(s.exec(q.order_by(SharedLimit.chargestation_id, SharedLimit.bridge)))
+
     # --- events -------------------------------------------------------------------------------------
     def get_event(self, event_id: str) -> EventRow | None:
         with self.session() as s:
-            return s.get(EventRow, event_id)
+            return s.get(EventRow, (self.bridge, event_id))
 
     def save_event(self, row: EventRow, intervals: Iterable[IntervalRow] | None = None) -> None:
         """Upsert an event; given intervals replace the stored ones (a modification replaces the schedule)."""
         with self.session() as s:
-            row.updated_at = utcnow()
+            row.bridge, row.updated_at = self.bridge, utcnow()
             s.merge(row)
             if intervals is not None:
-                s.execute(sa.delete(IntervalRow).where(IntervalRow.event_id == row.event_id))
+                s.execute(sa.delete(IntervalRow).where(IntervalRow.bridge == self.bridge,
+                                                       IntervalRow.event_id == row.event_id))
                 for iv in intervals:
+                    iv.bridge = self.bridge
                     s.add(iv)
             s.commit()
 
     def set_event_status(self, event_id: str, status: str) -> None:
         with self.session() as s:
-            row = s.get(EventRow, event_id)
+            row = s.get(EventRow, (self.bridge, event_id))
             if row is not None and row.status != status:
                 row.status, row.updated_at = status, utcnow()
                 s.add(row)
@@ -272,7 +390,7 @@ class Store:
 
     def events(self, statuses: Iterable[str] | None = None, since: datetime | None = None) -> list[EventRow]:
         with self.session() as s:
-            q = select(EventRow)
+            q = select(EventRow).where(EventRow.bridge == self.bridge)
             if statuses is not None:
                 q = q.where(EventRow.status.in_(list(statuses)))
             if since is not None:
@@ -281,16 +399,12 @@ class Store:
 
     def intervals(self, event_id: str) -> list[IntervalRow]:
         with self.session() as s:
-            q = select(IntervalRow).where(IntervalRow.event_id == event_id)
+            q = select(IntervalRow).where(IntervalRow.bridge == self.bridge, IntervalRow.event_id == event_id)
             return list(s.exec(q.order_by(IntervalRow.start, IntervalRow.id)))
 
     # --- actions ------------------------------------------------------------------------------------
     def add_action(self, row: ActionRow) -> ActionRow:
-        with self.session() as s:
-            s.add(row)
-            s.commit()
-            s.refresh(row)
-            return row
+        return self._add(row)
 
     def update_action(self, action_id: int, **changes: Any) -> ActionRow | None:
         with self.session() as s:
@@ -306,11 +420,12 @@ class Store:
 
     def action_by_edrv_id(self, edrv_action_id: str) -> ActionRow | None:
         with self.session() as s:
-            return s.exec(select(ActionRow).where(ActionRow.edrv_action_id == edrv_action_id)).first()
+            return s.exec(select(ActionRow).where(ActionRow.bridge == self.bridge,
+                                                  ActionRow.edrv_action_id == edrv_action_id)).first()
 
     def actions(self, event_id: str | None = None, session_id: str | None = None) -> list[ActionRow]:
         with self.session() as s:
-            q = select(ActionRow)
+            q = select(ActionRow).where(ActionRow.bridge == self.bridge)
             if event_id is not None:
                 q = q.where(ActionRow.event_id == event_id)
             if session_id is not None:
@@ -320,18 +435,20 @@ class Store:
     def event_ids_touching(self, resource_id: str) -> set[str]:
         """The events that sent anything to the resource: one small query, not every action row."""
         with self.session() as s:
-            q = select(ActionRow.event_id).where(ActionRow.resource_id == resource_id).distinct()
+            q = select(ActionRow.event_id).where(ActionRow.bridge == self.bridge,
+                                                 ActionRow.resource_id == resource_id).distinct()
             return {event_id for event_id in s.exec(q) if event_id is not None}
 
     def unanswered_actions(self, before: datetime) -> list[ActionRow]:
         """Calls eDRV accepted (HTTP 2xx) whose charger has not answered by `before`."""
         with self.session() as s:
-            q = select(ActionRow).where(ActionRow.status == "requested", ActionRow.updated_at < before)
+            q = select(ActionRow).where(ActionRow.bridge == self.bridge, ActionRow.status == "requested",
+                                        ActionRow.updated_at < before)
             return list(s.exec(q.order_by(ActionRow.id)))
 
     def action_counts(self, event_id: str | None = None) -> dict[str, int]:
         with self.session() as s:
-            q = select(ActionRow.status, sa.func.count())
+            q = select(ActionRow.status, sa.func.count()).where(ActionRow.bridge == self.bridge)
             if event_id is not None:
                 q = q.where(ActionRow.event_id == event_id)
             return {status: n for status, n in s.exec(q.group_by(ActionRow.status))}
@@ -340,34 +457,37 @@ class Store:
     # ORM objects, which matters for an event with 10,000 actions or a chart's worth of readings.
     def action_log(self, event_id: str, limit: int | None = None, offset: int = 0) -> list[sa.Row]:
         t = ActionRow.__table__
-        q = sa.select(t).where(t.c.event_id == event_id).order_by(t.c.at, t.c.id).limit(limit).offset(offset)
+        q = (sa.select(t).where(t.c.bridge == self.bridge, t.c.event_id == event_id)
+             .order_by(t.c.at, t.c.id).limit(limit).offset(offset))
         with self.engine.connect() as conn:
             return list(conn.execute(q))
 
     def reading_log(self, station_ids: Iterable[str], start: datetime, end: datetime) -> list[sa.Row]:
         """As readings_between, as plain rows."""
         t = ReadingRow.__table__
-        q = sa.select(t).where(t.c.chargestation_id.in_(list(station_ids)), t.c.at >= start, t.c.at <= end)
+        q = sa.select(t).where(t.c.bridge == self.bridge, t.c.chargestation_id.in_(list(station_ids)),
+                               t.c.at >= start, t.c.at <= end)
         with self.engine.connect() as conn:
             return list(conn.execute(q.order_by(t.c.at, t.c.id)))
 
     # --- sessions the bridge limited ------------------------------------------------------------------
     def session_states(self, limited_only: bool = False) -> list[SessionState]:
         with self.session() as s:
-            q = select(SessionState)
+            q = select(SessionState).where(SessionState.bridge == self.bridge)
             if limited_only:
                 q = q.where(SessionState.limited.is_(True), SessionState.ended.is_(False))
             return list(s.exec(q.order_by(SessionState.session_id)))
 
     def get_session_state(self, session_id: str) -> SessionState | None:
         with self.session() as s:
-            return s.get(SessionState, session_id)
+            return s.get(SessionState, (self.bridge, session_id))
 
     def save_session_state(self, session_id: str, **fields: Any) -> None:
         with self.session() as s:
-            row = s.get(SessionState, session_id)
+            row = s.get(SessionState, (self.bridge, session_id))
             if row is None:
-                row = SessionState(session_id=session_id, chargestation_id=fields.pop("chargestation_id", ""),
+                row = SessionState(bridge=self.bridge, session_id=session_id,
+                                   chargestation_id=fields.pop("chargestation_id", ""),
                                    resource_id=fields.pop("resource_id", ""))
             for k, v in fields.items():
                 setattr(row, k, v)
@@ -377,16 +497,12 @@ class Store:
 
     # --- opt-outs -----------------------------------------------------------------------------------
     def add_opt_out(self, row: OptOutRow) -> OptOutRow:
-        with self.session() as s:
-            s.add(row)
-            s.commit()
-            s.refresh(row)
-            return row
+        return self._add(row)
 
     def opt_outs(self, event_id: str | None = None, unapplied: bool = False,
                  unacknowledged: bool = False) -> list[OptOutRow]:
         with self.session() as s:
-            q = select(OptOutRow)
+            q = select(OptOutRow).where(OptOutRow.bridge == self.bridge)
             if event_id is not None:
                 q = q.where(OptOutRow.event_id == event_id)
             if unapplied:
@@ -398,8 +514,8 @@ class Store:
     def availability_windows(self, ending_after: datetime) -> list[OptOutRow]:
         """Operator unavailability windows (no event) that end after `ending_after`."""
         with self.session() as s:
-            q = select(OptOutRow).where(OptOutRow.event_id.is_(None), OptOutRow.window_start.is_not(None),
-                                        OptOutRow.window_end > ending_after)
+            q = select(OptOutRow).where(OptOutRow.bridge == self.bridge, OptOutRow.event_id.is_(None),
+                                        OptOutRow.window_start.is_not(None), OptOutRow.window_end > ending_after)
             return list(s.exec(q.order_by(OptOutRow.window_start, OptOutRow.id)))
 
     def update_opt_out(self, opt_id: int, **changes: Any) -> None:
@@ -411,13 +527,13 @@ class Store:
                 s.add(row)
                 s.commit()
 
-
     # --- webhooks and readings ---------------------------------------------------------------------------
     def add_webhook(self, row: WebhookRow) -> bool:
         """False when a webhook with this _id was already stored (a duplicate delivery)."""
         with self.session() as s:
-            if s.get(WebhookRow, row.id) is not None:
+            if s.get(WebhookRow, (self.bridge, row.id)) is not None:
                 return False
+            row.bridge = self.bridge
             s.add(row)
             try:
                 s.commit()
@@ -427,7 +543,7 @@ class Store:
 
     def mark_webhook_processed(self, webhook_id: str) -> None:
         with self.session() as s:
-            row = s.get(WebhookRow, webhook_id)
+            row = s.get(WebhookRow, (self.bridge, webhook_id))
             if row is not None:
                 row.processed = True
                 s.add(row)
@@ -435,17 +551,15 @@ class Store:
 
     def unprocessed_webhooks(self) -> list[WebhookRow]:
         with self.session() as s:
-            return list(s.exec(select(WebhookRow).where(WebhookRow.processed.is_(False))
-                               .order_by(WebhookRow.received_at)))
+            q = select(WebhookRow).where(WebhookRow.bridge == self.bridge, WebhookRow.processed.is_(False))
+            return list(s.exec(q.order_by(WebhookRow.received_at)))
 
     def add_reading(self, row: ReadingRow) -> None:
-        with self.session() as s:
-            s.add(row)
-            s.commit()
+        self._add(row)
 
     def readings(self, chargestation_id: str | None = None, since: datetime | None = None) -> list[ReadingRow]:
         with self.session() as s:
-            q = select(ReadingRow)
+            q = select(ReadingRow).where(ReadingRow.bridge == self.bridge)
             if chargestation_id is not None:
                 q = q.where(ReadingRow.chargestation_id == chargestation_id)
             if since is not None:
@@ -455,29 +569,32 @@ class Store:
     def readings_between(self, station_ids: Iterable[str], start: datetime, end: datetime) -> list[ReadingRow]:
         """The stations' readings with start <= at <= end, oldest first."""
         with self.session() as s:
-            q = select(ReadingRow).where(ReadingRow.chargestation_id.in_(list(station_ids)),
+            q = select(ReadingRow).where(ReadingRow.bridge == self.bridge,
+                                         ReadingRow.chargestation_id.in_(list(station_ids)),
                                          ReadingRow.at >= start, ReadingRow.at <= end)
             return list(s.exec(q.order_by(ReadingRow.at, ReadingRow.id)))
 
     # --- measured reduction ------------------------------------------------------------------------------
     def performance(self, event_id: str) -> list[PerformanceRow]:
         with self.session() as s:
-            q = select(PerformanceRow).where(PerformanceRow.event_id == event_id)
+            q = select(PerformanceRow).where(PerformanceRow.bridge == self.bridge, PerformanceRow.event_id == event_id)
             return list(s.exec(q.order_by(PerformanceRow.interval_start, PerformanceRow.resource_id,
                                           PerformanceRow.id)))
 
     def save_performance(self, event_id: str, rows: Iterable[PerformanceRow]) -> None:
         """Replace the event's rows: a modification may have changed its intervals."""
         with self.session() as s:
-            s.execute(sa.delete(PerformanceRow).where(PerformanceRow.event_id == event_id))
+            s.execute(sa.delete(PerformanceRow).where(PerformanceRow.bridge == self.bridge,
+                                                      PerformanceRow.event_id == event_id))
             for row in rows:
+                row.bridge = self.bridge
                 s.add(row)
             s.commit()
 
     def prune(self, before: datetime) -> None:
         """Retention: readings and processed webhooks older than `before` go."""
         with self.session() as s:
-            s.execute(sa.delete(ReadingRow).where(ReadingRow.at < before))
-            s.execute(sa.delete(WebhookRow).where(WebhookRow.processed.is_(True), WebhookRow.received_at < before))
+            s.execute(sa.delete(ReadingRow).where(ReadingRow.bridge == self.bridge, ReadingRow.at < before))
+            s.execute(sa.delete(WebhookRow).where(WebhookRow.bridge == self.bridge, WebhookRow.processed.is_(True),
+                                                  WebhookRow.received_at < before))
             s.commit()
-

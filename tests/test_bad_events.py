@@ -13,6 +13,7 @@ from aiohttp import web
 from dr_bridge import rig as rig_module
 from dr_bridge.localvtn import LocalVtn
 from dr_bridge.rig import StationSpec, wait_for
+from tests.conftest import BAD_INPUT
 from tests.test_core import bridge, calls, rig, soon  # noqa: F401  (fixtures)
 
 SEC = timedelta(seconds=1)
@@ -82,6 +83,7 @@ async def test_unusable_event_is_answered_opt_out_and_logged(rig, bridge, case, 
     assert bridge.store.get_event(event_id).opt == "optOut"
     assert event_id in caplog.text  # the reason is in the log, next to the event id
     await good_event_still_works(rig, bridge)
+    BAD_INPUT["unusable events"] += 1
 
 
 @pytest.mark.parametrize("rig", [TWO], indirect=True)
@@ -105,4 +107,5 @@ async def test_hundreds_of_events_at_once_are_all_answered(rig, bridge):
     await wait_for(lambda: all(response(rig, e) for e in ids), 60)
     assert {response(rig, e) for e in ids} == {"optIn"}
     assert len({e.event_id for e in bridge.store.events()}) >= 300
+    BAD_INPUT["events in one burst"] += len(ids)
     await good_event_still_works(rig, bridge)

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dr_bridge.config import ConfigError, config_from_dict, load_config
+from tests.conftest import BAD_INPUT
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"
 BASE: dict[str, Any] = tomllib.loads(EXAMPLE.read_text())
@@ -65,6 +66,7 @@ def broken_configs(draw) -> tuple[dict, list[str]]:
 @given(broken_configs())
 def test_every_mistake_is_one_line_naming_the_file(case: tuple[dict, list[str]]) -> None:
     data, _ = case
+    BAD_INPUT["broken configs"] += 1
     try:
         cfg = config_from_dict(data, source="fuzz.toml")
     except ConfigError as exc:
@@ -81,6 +83,7 @@ def test_every_mistake_is_one_line_naming_the_file(case: tuple[dict, list[str]])
 def test_any_bytes_as_a_file_are_refused_in_one_line(tmp_path_factory, blob: bytes) -> None:
     path = tmp_path_factory.mktemp("cfg") / "blob.toml"
     path.write_bytes(blob)
+    BAD_INPUT["random files as configs"] += 1
     try:
         load_config(path)
     except ConfigError as exc:

@@ -201,3 +201,54 @@ async def test_sigkill_at_a_random_point_then_restart(tmp_path, spawn, run):
         assert second.alive
     finally:
         await r.stop()
+
+
+# --- the database going away ----------------------------------------------------------------------------
+
+def _cut_connections(admin_url: str, name: str, allow: bool) -> None:
+    import psycopg
+
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {"true" if allow else "false"}')
+        if not allow:
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+
+
+@pytest.fixture
+async def pg_rig(tmp_path, pg_url):
+    r = Rig(tmp_path, stations(20), bridge_options={"database_url": pg_url}, edrv_options={"limit_retries": 5})
+    await r.start()
+    yield r
+    await r.stop()
+
+
+async def test_database_briefly_unavailable_mid_event_loses_nothing(pg_rig, pg_url):
+    from tests.conftest import PG_ADMIN_URL
+
+    rig, name = pg_rig, pg_url.rsplit("/", 1)[-1]
+    bridge = Bridge(rig.config(), API_KEY, vtn_backoff_s=0.2)
+    await bridge.start()
+    try:
+        await wait_for(lambda: bridge.ven.registered, 15)
+        start = soon(2)
+        event_id = rig.vtn.add_event(bridge.ven.ven_id, intervals=[(start, timedelta(seconds=4), 2)])
+        await wait_for(lambda: len(rig.sim.limit_calls()) >= 20, 20)
+        _cut_connections(PG_ADMIN_URL, name, allow=False)
+        # The end of the event and a session starting after it both fall in the outage window.
+        await wait_for(lambda: datetime.now(timezone.utc) > start + timedelta(seconds=4.5), 10)
+        newcomer = rig.sim.start_session(rig.station_ids["R000"], send_webhook=False)
+        await asyncio.sleep(1)
+        _cut_connections(PG_ADMIN_URL, name, allow=True)
+        await everyone_restored(rig, 60)
+        await bridge.engine.settle()
+        check_applied_and_restored(rig, "database briefly unavailable")
+        # Nothing lost: every call eDRV answered is in the event log.
+        logged = {(a.session_id, a.purpose) for a in bridge.store.actions(event_id)}
+        for ids in rig.sessions.values():
+            for sid in ids:
+                assert {(sid, "limit"), (sid, "restore")} <= logged, sid
+        assert bridge.store.get_event(event_id).status == "completed"
+        assert [c for c in rig.sim.limit_calls() if c[0] == newcomer] == []  # the event had ended: never limited
+    finally:
+        await bridge.stop()
+
