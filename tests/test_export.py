@@ -131,3 +131,16 @@ def test_events_list_filters_by_time_status_and_resource(tmp_path):
     assert ids("--resource", "south") == ["LATE"]  # targeted, nothing sent yet
     assert ids("--resource", "elsewhere") == []
     assert cli("events", "list", "--config", cfg, "--since", "yesterday").exit_code == 2
+
+
+def test_the_event_log_shows_only_its_own_bridges_rows(tmp_path):
+    from dr_bridge.eventlog import event_detail, list_events
+
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    north, south = Store.open(url, bridge="north-program"), Store.open(url, bridge="south-program")
+    add_event(north, "EVT-1", T0, "depot-n", n_sessions=2)
+    add_event(south, "EVT-1", T0, "depot-s", n_sessions=1)  # the same id from another utility's VTN
+    assert len(event_detail(north, "EVT-1")["actions"]) == 4 and north.action_counts("EVT-1") == {
+        "accepted": 2, "rejected": 2}
+    assert {a["resource_id"] for a in event_detail(south, "EVT-1", limit=10)["actions"]} == {"depot-s"}
+    assert [e["event_id"] for e in list_events(south, resource="depot-n")] == []
