@@ -119,7 +119,8 @@ def events_list(config: str = ConfigOpt, as_json: bool = typer.Option(False, "--
         views.print_event_list(views.console(), rows)
 
 
-@events_app.command("show", help="One event: intervals, every action and its outcome, opt-outs.")
+@events_app.command("show", help="One event: intervals, a timeline of every action and its outcome, opt-outs "
+                                 "and restores, and the measured reduction.")
 def events_show(event_id: str, config: str = ConfigOpt, as_json: bool = typer.Option(False, "--json")) -> None:
     from dr_bridge import views
     from dr_bridge.eventlog import event_detail
@@ -132,6 +133,20 @@ def events_show(event_id: str, config: str = ConfigOpt, as_json: bool = typer.Op
         print(json.dumps(detail, indent=2))
     else:
         views.print_event_detail(views.console(), detail)
+
+
+@events_app.command("export", help="One event for auditors: csv (one row per action) or json (as show --json).")
+def events_export(event_id: str, config: str = ConfigOpt,
+                  fmt: str = typer.Option(..., "--format", help="csv or json")) -> None:
+    from dr_bridge.eventlog import actions_csv, event_detail
+
+    if fmt not in ("csv", "json"):
+        fail(f"--format: {fmt!r} is not csv or json", 2)
+    cfg = config_or_exit(config)
+    detail = event_detail(open_store(cfg), event_id)
+    if detail is None:
+        fail(f"no event {event_id!r} in the event log")
+    sys.stdout.write(actions_csv(detail) if fmt == "csv" else json.dumps(detail, indent=2) + "\n")
 
 
 @app.command("opt-out", help="Opt resources (or a whole event) out, or declare them unavailable for a while; "

@@ -54,15 +54,21 @@ async def run_demo(console: Console, keep_running: bool = False, debug: bool = F
             await _follow(console, rig, bridge, event_id, start + timedelta(seconds=16))
             await rig.sim.drain_webhooks()  # the chargers' last answers, so the log shows final statuses
             await asyncio.sleep(0.5)
+            try:  # the last interval is measured a few seconds after it ends, once its readings are in
+                await wait_for(lambda: len(bridge.store.performance(event_id)) >= 2 * len(TARGETS), 8)
+            except TimeoutError:
+                pass  # the log then says which measurements are missing
             console.print()
             print_event_detail(console, event_detail(bridge.store, event_id))
             limited = bridge.store.session_states(limited_only=True)
             console.print(f"\nsessions still limited: {len(limited)}   "
                           f"demo took {time.monotonic() - t0:.0f} s")
+            console.print(f"event log page: [bold]{bridge.http.page_url(event_id)}[/bold]", highlight=False)
             if keep_running:
-                console.print(f"simulator {rig.sim.base_url} and bridge http://127.0.0.1:{rig.http_port}/healthz "
+                console.print(f"simulator {rig.sim.base_url} and the bridge (page above, /healthz, /metrics) "
                               "keep running; Ctrl-C to stop")
                 await asyncio.Event().wait()
+            console.print("(the page is served while the demo runs: `dr-bridge demo --keep-running` keeps it up)")
             return 0 if not limited else 1
         finally:
             await rig.stop()

@@ -4,6 +4,8 @@ Also the codec that keeps a normalised Event in the events table, so schedules c
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 from dataclasses import asdict
 from datetime import datetime, timedelta, timezone
@@ -64,7 +66,8 @@ def event_summary(row: EventRow) -> dict[str, Any]:
     }
 
 
-def event_detail(store: Store, event_id: str) -> dict[str, Any] | None:
+def event_detail(store: Store, event_id: str, limit: int | None = None, offset: int = 0) -> dict[str, Any] | None:
+    """CONTRACT.md's `events show --json` object; `limit` and `offset` page through the actions."""
     row = store.get_event(event_id)
     if row is None:
         return None
@@ -74,7 +77,7 @@ def event_detail(store: Store, event_id: str) -> dict[str, Any] | None:
     out["actions"] = [{"at": iso(a.at), "session_id": a.session_id, "chargestation_id": a.chargestation_id,
                        "resource_id": a.resource_id, "kind": a.kind, "purpose": a.purpose, "unit": a.unit,
                        "limit": a.limit, "status": a.status, "attempts": a.attempts, "detail": a.detail,
-                       "edrv_action_id": a.edrv_action_id} for a in store.actions(event_id=event_id)]
+                       "edrv_action_id": a.edrv_action_id} for a in store.action_log(event_id, limit, offset)]
     out["opt_outs"] = [{"at": iso(o.at), "resource_id": o.resource_id, "reason": o.reason, "source": o.source,
                         "sent": o.sent, "acknowledged": o.acknowledged, "opt_reason": o.opt_reason,
                         "modification_number": o.modification_number, "attempts": o.attempts}
@@ -93,7 +96,82 @@ def list_events(store: Store, *, since: datetime | None = None, status: str | No
                 resource: str | None = None) -> list[dict[str, Any]]:
     rows = store.events(statuses=[status] if status else None, since=since)
     if resource:
-        touched = {a.event_id for a in store.actions() if a.resource_id == resource}
+        touched = store.event_ids_touching(resource)
         rows = [r for r in rows if r.event_id in touched or resource in json.loads(r.event_json)
                 .get("targets", {}).get("resource_id", [])]
     return [event_summary(r) for r in rows]
+
+
+# --- the timeline and the auditors' export --------------------------------------------------------------
+ACTION_FIELDS = ("at", "session_id", "chargestation_id", "resource_id", "kind", "purpose", "unit", "limit",
+                 "status", "attempts", "detail")
+
+
+def describe_action(a: dict[str, Any]) -> str:
+    """What a call asked for, in words: "limit 16 A", "restore (clear)", "restore 32 A"."""
+    if a["kind"] == "clear_power_limit":
+        return f"{a['purpose']} (clear)"
+    return f"{a['purpose']} {a['limit']:g} {'A' if a['unit'] == 'current' else 'W'}"
+
+
+def timeline(d: dict[str, Any]) -> list[dict[str, Any]]:
+    """The event's story in time order: received and answered, each interval, each call and its outcome,
+    opt-outs, and the measured reduction once each interval was over. `d` is an `event_detail`."""
+    offset = parse_iso(d["effective_start"]) - parse_iso(d["start"])
+    rows: list[dict[str, Any]] = []
+
+    def add(at: str | datetime | None, what: str, kind: str, **fields: Any) -> None:
+        if at is None:
+            return
+        at_dt = at if isinstance(at, datetime) else parse_iso(at)
+        rows.append({"at": iso(at_dt), "what": what, "kind": kind, "resource_id": None, "session_id": None,
+                     "outcome": None, "attempts": None, "detail": "", **fields, "_sort": at_dt})
+
+    # The VEN answers in the same exchange that delivers the event, so both share the receipt time.
+    add(d.get("received_at"), f"received, answered {d['opt'] or '-'}", "event",
+        detail=f"modification {d['modification_number']}" + (f": {d['opt_reason']}" if d.get("opt_reason") else ""))
+    n = len(d["intervals"])
+    for k, i in enumerate(d["intervals"], 1):
+        until = parse_iso(i["end"])
+        begin = parse_iso(i["start"]) + offset
+        add(begin, f"interval {k} of {n}", "interval",
+            detail=f"{i['signal_name']} {i['signal_type']} = {i['value']:g}"
+                   + (f" until {_short(until + offset, begin)}" if until else ", open-ended"))
+    if d["end"] and d["status"] != "cancelled":
+        add(parse_iso(d["end"]) + offset, "event ends", "event")
+    for a in d["actions"]:
+        add(a["at"], describe_action(a), "action", resource_id=a["resource_id"], session_id=a["session_id"],
+            outcome=a["status"], attempts=a["attempts"], detail=a["detail"])
+    for o in d["opt_outs"]:
+        outcome = "acknowledged" if o["acknowledged"] else "sent" if o["sent"] else "not sent"
+        add(o["at"], f"opt-out ({o['source']})", "opt_out", resource_id=o["resource_id"] or "(whole event)",
+            outcome=outcome, detail=o["reason"] or "")
+    for p in d["performance"]:
+        add(p.get("window_end"), "measured", "performance", resource_id=p["resource_id"],
+            detail=describe_performance(p))
+    rows.sort(key=lambda r: r.pop("_sort"))
+    return rows
+
+
+def describe_performance(p: dict[str, Any]) -> str:
+    def kw(v: float | None) -> str:
+        return "?" if v is None else f"{v:.1f}"
+
+    pct = "" if p["reduction_pct"] is None else f" ({p['reduction_pct']:.0f} %)"
+    return (f"{kw(p['baseline_kw'])} kW before, {kw(p['mean_kw'])} kW during: down {kw(p['reduction_kw'])} kW{pct}; "
+            f"asked at most {kw(p['requested_kw'])} kW")
+
+
+def _short(at: datetime, ref: datetime) -> str:
+    """A time next to another: the clock alone on the same day."""
+    return f"{at:%H:%M:%S}Z" if at.date() == ref.date() else iso(at)
+
+
+def actions_csv(d: dict[str, Any]) -> str:
+    """One row per action with every CONTRACT.md action field (blank for null), led by the event id."""
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(("event_id", *ACTION_FIELDS, "edrv_action_id"))
+    for a in d["actions"]:
+        w.writerow((d["event_id"], *("" if a[f] is None else a[f] for f in ACTION_FIELDS), a["edrv_action_id"] or ""))
+    return out.getvalue()

@@ -1,4 +1,5 @@
-"""The bridge's HTTP server (aiohttp): eDRV webhooks, /healthz and Prometheus /metrics.
+"""The bridge's HTTP server (aiohttp): eDRV webhooks, /healthz, Prometheus /metrics and the event-log pages
+(pages.py; behind the `http.token_env` token when one is configured).
 
 Webhooks are persisted before they are answered (200, empty body) and processed afterwards, so a crash
 between the two loses nothing; bad input gets a 4xx and one log line, never a 5xx.
@@ -14,6 +15,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from dr_bridge import pages
 from dr_bridge.edrv.webhooks import BadWebhook, parse, verify
 from dr_bridge.eventlog import iso
 from dr_bridge.store import WebhookRow, utcnow
@@ -45,10 +47,16 @@ class HttpServer:
         self.metrics = metrics
         self.secret = cfg.webhook_secret()
         self.last_webhook = None
-        self.app = web.Application(client_max_size=MAX_WEBHOOK_BYTES)
+        # /metrics stays open like /healthz: aggregate counts and latencies only (no event, resource or session
+        # ids), and Prometheus scrapers already pointed at it keep working.
+        exempt = {cfg.http.webhook_path, "/healthz", "/metrics"}
+        self.token_required = bool(cfg.http.token_env)
+        token = pages.token_middleware(cfg.http_token(), self.token_required, exempt)
+        self.app = web.Application(client_max_size=MAX_WEBHOOK_BYTES, middlewares=[token])
         self.app.router.add_post(cfg.http.webhook_path, self.webhook)
         self.app.router.add_get("/healthz", self.healthz)
         self.app.router.add_get("/metrics", self.metrics_page)
+        pages.mount(self.app, lambda: self.bridge.store, cfg)
         self.runner: web.AppRunner | None = None
         self.port: int | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -60,9 +68,20 @@ class HttpServer:
         site = web.TCPSite(self.runner, self.cfg.http.host, self.cfg.http.port)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]
-        log.info("HTTP on http://%s:%s (webhooks at %s)", self.cfg.http.host, self.port, self.cfg.http.webhook_path)
+        log.info("HTTP on http://%s:%s (webhooks at %s; event log at /events%s)", self.cfg.http.host, self.port,
+                 self.cfg.http.webhook_path, ", token required" if self.token_required else "")
+        if self.token_required and self.cfg.http_token() is None:
+            log.warning("http.token_env names %s, which is unset: the event-log pages refuse every request",
+                        self.cfg.http.token_env)
         for row in self.bridge.store.unprocessed_webhooks():  # received before a crash, not yet processed
             self._process(row.id, parse(row.body.encode()))
+
+    def page_url(self, event_id: str | None = None) -> str:
+        """The event-log page's address, for people (the demo prints it)."""
+        from urllib.parse import quote
+
+        host = self.cfg.http.host if ":" not in self.cfg.http.host else f"[{self.cfg.http.host}]"
+        return f"http://{host}:{self.port}/events" + (f"/{quote(event_id, safe='')}" if event_id else "")
 
     async def stop(self) -> None:
         for t in list(self._tasks):

@@ -3,8 +3,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
+
+from dr_bridge.eventlog import timeline
 
 
 def _fmt(v: Any) -> str:
@@ -30,38 +35,69 @@ def print_event_list(console: Console, rows: list[dict[str, Any]]) -> None:
     for col in ("event", "mod", "status", "opt", "start", "end", "dry"):
         t.add_column(col)
     for r in rows:
-        t.add_row(r["event_id"], str(r["modification_number"]), r["status"], _fmt(r["opt"]), _fmt(r["start"]),
+        t.add_row(Text(r["event_id"]), str(r["modification_number"]), r["status"], _fmt(r["opt"]), _fmt(r["start"]),
                   r["end"] or "open", "yes" if r.get("dry_run") else "")
     console.print(t)
 
 
+def _clock(at: str | None, day: str) -> str:
+    """HH:MM:SS on the event's start day; the date too when a row falls on another day."""
+    if at is None:
+        return "-"
+    return at[11:19] if at[:10] == day else f"{at[:10]} {at[11:19]}"
+
+
 def print_event_detail(console: Console, d: dict[str, Any]) -> None:
-    console.print(f"[bold]Event {d['event_id']}[/bold]  modification {d['modification_number']}  "
-                  f"status [bold]{d['status']}[/bold]  answered {d['opt'] or '-'} ({d.get('opt_reason') or ''})")
+    day = d["effective_start"][:10]
+    console.print(f"[bold]Event {escape(d['event_id'])}[/bold]  modification {d['modification_number']}  "
+                  f"status [bold]{d['status']}[/bold]  answered {d['opt'] or '-'}"
+                  + (f" ({escape(d['opt_reason'])})" if d.get("opt_reason") else ""))
     console.print(f"start {d['start']}  effective start {d['effective_start']}  end {d['end'] or 'open-ended'}"
                   f"{'  [yellow]dry run[/yellow]' if d.get('dry_run') else ''}")
-    t = Table(title="Intervals")
+    t = Table(title="Intervals", box=box.SIMPLE_HEAD, pad_edge=False)
     for col in ("start", "end", "signal", "value"):
         t.add_column(col)
     for i in d["intervals"]:
-        t.add_row(i["start"], _fmt(i["end"]), f"{i['signal_name']}/{i['signal_type']}", _fmt(i["value"]))
+        t.add_row(i["start"], _fmt(i["end"]), Text(f"{i['signal_name']}/{i['signal_type']}"), _fmt(i["value"]))
     console.print(t)
-    t = Table(title=f"Actions ({len(d['actions'])})")
-    for col in ("at", "session", "resource", "call", "limit", "status", "tries"):
-        t.add_column(col, no_wrap=True)
-    t.add_column("detail", overflow="fold")
-    for a in d["actions"]:
-        call = ("clear" if a["kind"] == "clear_power_limit" else "set") + f" ({a['purpose']})"
-        limit = "-" if a["limit"] is None else f"{a['limit']:g} {'A' if a['unit'] == 'current' else 'W'}"
-        # The last 8 hex digits tell sessions apart in a table; --json has the full ids.
-        t.add_row(a["at"][11:19], "…" + a["session_id"][-8:], a["resource_id"], call, limit, a["status"],
-                  str(a["attempts"]), a["detail"])
+    print_timeline(console, timeline(d), day, len(d["actions"]))
+    print_performance(console, d["performance"])
+
+
+def print_timeline(console: Console, rows: list[dict[str, Any]], day: str, n_actions: int) -> None:
+    t = Table(title=f"Timeline (UTC, {day}; {n_actions} actions)", box=box.SIMPLE_HEAD, pad_edge=False)
+    t.add_column("at", no_wrap=True)
+    t.add_column("what (detail below)", ratio=1, overflow="fold")  # the detail gets the width that is left
+    t.add_column("resource", overflow="fold", max_width=24)
+    t.add_column("session", no_wrap=True)
+    t.add_column("outcome", no_wrap=True)
+    t.add_column("tries", justify="right")
+    for r in rows:
+        # Text, not markup: ids and details come from the utility and eDRV.
+        what = Text(r["what"], style="bold" if r["kind"] in ("event", "interval") else "")
+        if r["detail"]:
+            what.append("\n" + r["detail"], style="dim")
+        # The last 8 hex digits tell sessions apart in a table; --json and export have the full ids.
+        session = "…" + r["session_id"][-8:] if r["session_id"] else ""
+        style = "red" if r["outcome"] in ("rejected", "failed") else None
+        t.add_row(_clock(r["at"], day), what, Text(r["resource_id"] or ""), session, r["outcome"] or "",
+                  "" if r["attempts"] is None else str(r["attempts"]), style=style)
     console.print(t)
-    if d["opt_outs"]:
-        t = Table(title="Opt-outs")
-        for col in ("at", "resource", "reason", "source", "sent", "acknowledged"):
-            t.add_column(col)
-        for o in d["opt_outs"]:
-            t.add_row(o["at"], o["resource_id"] or "(whole event)", o["reason"], o["source"], str(o["sent"]),
-                      str(o["acknowledged"]))
-        console.print(t)
+
+
+def print_performance(console: Console, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        console.print("measured reduction: none yet (computed once an interval is over, from eDRV's readings)")
+        return
+    t = Table(title="Measured reduction", box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("interval", "resource", "baseline kW", "mean kW", "down kW", "down %", "asked kW"):
+        t.add_column(col, justify="left" if col in ("interval", "resource") else "right")
+    for p in rows:
+        t.add_row(p["interval_start"], Text(p["resource_id"]), *(_kw(p[k]) for k in ("baseline_kw", "mean_kw",
+                  "reduction_kw")), "-" if p["reduction_pct"] is None else f"{p['reduction_pct']:.0f}",
+                  _kw(p["requested_kw"]))
+    console.print(t)
+
+
+def _kw(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"

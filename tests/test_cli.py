@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from datetime import timedelta
@@ -25,6 +26,7 @@ def test_demo_runs_a_whole_event_and_restores_everything():
     assert "set_power_limit   depot-north-01" in out.stdout and "clear_power_limit depot-north-01" in out.stdout
     assert "set_power_limit   sim-01" in out.stdout and ": 32 A" in out.stdout
     assert "sessions still limited: 0" in out.stdout
+    assert re.search(r"event log page: http://127\.0\.0\.1:\d+/events/EVT-\w+", out.stdout)
 
 
 async def test_events_list_and_show_json_follow_the_contract(rig, bridge, tmp_path):  # noqa: F811
@@ -51,7 +53,7 @@ async def test_events_list_and_show_json_follow_the_contract(rig, bridge, tmp_pa
     assert detail["opt_outs"] == []
 
     table = runner.invoke(app, ["events", "show", event_id, "--config", str(cfg)])
-    assert table.exit_code == 0 and "clear (restore)" in table.stdout and event_id in table.stdout
+    assert table.exit_code == 0 and "restore (clear)" in table.stdout and event_id in table.stdout
     assert runner.invoke(app, ["events", "list", "--config", str(cfg), "--status", "active", "--json"]).stdout \
         .strip() == "[]"
     missing = runner.invoke(app, ["events", "show", "NOPE", "--config", str(cfg)])
