@@ -57,8 +57,11 @@ def planned_limit(rig: Rig, resource: str) -> float:
     return spec.max_current / 2 / spec.sessions
 
 
-def check_applied_and_restored(rig: Rig, fault: str) -> int:
-    """Every session got its planned limit and then its restore, in that order; returns sessions checked."""
+def check_applied_and_restored(rig: Rig, fault: str, must_limit: bool = True) -> int:
+    """Every session got its planned limit and then its restore, in that order; returns sessions checked.
+
+    must_limit=False: the bridge may have been down for the whole event, so a session may have had no limit,
+    but any limit it got was the planned one, and its last call was still the restore."""
     ok_calls: dict[str, list[tuple[str, dict]]] = {}
     for r in rig.sim.requests:
         parts = r.path.split("/")
@@ -71,7 +74,10 @@ def check_applied_and_restored(rig: Rig, fault: str) -> int:
         for sid in rig.sessions[spec.resource_id]:
             got = ok_calls.get(sid, [])
             wanted = ("set_power_limit", {"unit": "current", "limit": limit})
-            assert wanted in got, f"{fault}: session {sid} on {spec.resource_id} never got {limit} A: {got}"
+            if must_limit:
+                assert wanted in got, f"{fault}: session {sid} on {spec.resource_id} never got {limit} A: {got}"
+            limits = [c for c in got if c[0] == "set_power_limit" and c[1].get("limit") != spec.max_current]
+            assert all(c == wanted for c in limits), f"{fault}: session {sid} got another limit: {got}"
             last = got[-1]
             restore = ("set_power_limit", {"unit": "current", "limit": spec.max_current})
             assert last == restore or (not spec.simulator and last == ("clear_power_limit", {})), \
@@ -173,6 +179,7 @@ async def test_vtn_restart_mid_event_keeps_the_limit_and_restores(rig, bridge):
 # --- SIGKILL at random points of a 200-session event -----------------------------------------------------
 
 KILL_RUNS = 20
+RESTART_S = timedelta(seconds=4)  # generous: start, migrate, register, list 200 sessions, send their limits
 
 
 @pytest.mark.parametrize("run", range(KILL_RUNS))
@@ -194,9 +201,13 @@ async def test_sigkill_at_a_random_point_then_restart(tmp_path, spawn, run):
         await first.sigkill()
         await asyncio.sleep(rnd.uniform(0, 2))
         second = await spawn("run", "--config", str(config))
+        # A bridge that is up again with time to act must carry out the rest of the event; one that comes
+        # back only near its end (a process start takes seconds here) owes nothing but the restores.
+        must_limit = datetime.now(timezone.utc) + RESTART_S < end
         await until(lambda: datetime.now(timezone.utc) > end, 30, second, "the end of the event")
         await everyone_restored(r, 60)
-        checked = check_applied_and_restored(r, "SIGKILL at a random point")
+        label = "SIGKILL at a random point" + ("" if must_limit else " (back only near the end)")
+        checked = check_applied_and_restored(r, label, must_limit=must_limit)
         assert checked == 200
         assert second.alive
     finally:
