@@ -64,7 +64,7 @@ def _wire_number(value: float) -> int | float:
 class EdrvClient:
     def __init__(self, base_url: str, api_key: str, *, timeout_s: float = 10.0, max_concurrency: int = 32,
                  max_retries: int = 3, backoff_base_s: float = 0.5, backoff_max_s: float = 30.0,
-                 on_call: OnCall | None = None, page_size: int = 100) -> None:
+                 on_call: OnCall | None = None, page_size: int = 1000) -> None:
         self.base_url = base_url.rstrip("/")
         self.max_retries = max_retries
         self.backoff_base_s = backoff_base_s
