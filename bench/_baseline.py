@@ -1,7 +1,11 @@
 """Bare client loops: the same set_power_limit requests the bridge sends, with nothing around them.
 
-    python -m bench._baseline aiohttp|httpx|httpx-aiohttp|httpx-aiohttptransport|sequential \
+    python -m bench._baseline aiohttp|httpx|httpx-aiohttp|httpx-aiohttptransport|edrv-client|sequential \
         --target FILE [--concurrency 32] [--max-requests N] [--max-seconds S]
+
+`httpx` is plain httpx (its own pool); `httpx-aiohttp` and `httpx-aiohttptransport` are httpx on the two
+aiohttp transports on PyPI; `edrv-client` is the bridge's own EdrvClient (transport, semaphore, error
+mapping) without the engine or the event log; `sequential` is plain httpx, one request at a time.
 
 Run as a subprocess so it never shares an event loop with the bridge. Prints one JSON line:
 {"client", "sent", "ok", "seconds", "rps"}. Both the count and the time are bounded: a slow client
@@ -38,34 +42,42 @@ def _httpx_client(kind: str, base: str, headers: dict, concurrency: int) -> http
 async def run(kind: str, target: dict, concurrency: int, max_requests: int, max_seconds: float) -> dict:
     base = target["base_url"].rstrip("/") + "/"
     headers = {"Authorization": f"Bearer {target['api_key']}"}
-    paths = [f"sessions/{sid}/set_power_limit" for sid in target["sessions"][:max_requests]]
     if kind == "sequential":
         concurrency = 1
-    todo = iter(paths)
+    todo = iter(target["sessions"][:max_requests])
     sent = ok = 0
     started = time.monotonic()
     deadline = started + max_seconds
 
     async def worker(post) -> None:
         nonlocal sent, ok
-        for path in todo:  # a shared iterator: each path is sent once, by whichever worker is free
+        for session_id in todo:  # a shared iterator: each request is sent once, by whichever worker is free
             if time.monotonic() > deadline:
                 return
             sent += 1
-            if 200 <= await post(path) < 300:
+            if 200 <= await post(f"sessions/{session_id}/set_power_limit", session_id) < 300:
                 ok += 1
 
     if kind == "aiohttp":
         connector = aiohttp.TCPConnector(limit=concurrency)
         async with aiohttp.ClientSession(base, headers=headers, connector=connector) as session:
-            async def post(path: str) -> int:
+            async def post(path: str, _: str) -> int:
                 async with session.post(path, json=BODY) as resp:
                     await resp.read()
                     return resp.status
             await asyncio.gather(*(worker(post) for _ in range(concurrency)))
+    elif kind == "edrv-client":
+        from dr_bridge.edrv.client import EdrvClient
+
+        async with EdrvClient(target["base_url"], target["api_key"], max_concurrency=concurrency,
+                              max_retries=0) as edrv:
+            async def post(_: str, session_id: str) -> int:
+                await edrv.set_power_limit(session_id, BODY["unit"], BODY["limit"])  # raises unless 2xx
+                return 200
+            await asyncio.gather(*(worker(post) for _ in range(concurrency)))
     else:
         async with _httpx_client("httpx" if kind == "sequential" else kind, base, headers, concurrency) as client:
-            async def post(path: str) -> int:
+            async def post(path: str, _: str) -> int:
                 return (await client.post(path, json=BODY)).status_code
             await asyncio.gather(*(worker(post) for _ in range(concurrency)))
     seconds = time.monotonic() - started
@@ -75,7 +87,7 @@ async def run(kind: str, target: dict, concurrency: int, max_requests: int, max_
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("client", choices=["aiohttp", "httpx", "httpx-aiohttp", "httpx-aiohttptransport",
-                                           "sequential"])
+                                           "edrv-client", "sequential"])
     parser.add_argument("--target", required=True)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--max-requests", type=int, default=10_000)
