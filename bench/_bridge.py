@@ -23,6 +23,8 @@ import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import sqlalchemy as sa
+
 from dr_bridge import http as bridge_http
 from dr_bridge.config import config_from_dict
 from dr_bridge.daemon import Bridge
@@ -100,6 +102,15 @@ def _bridge(target: dict, workdir: Path, http_port: int | None) -> Bridge:
     return Bridge(cfg, target["api_key"], http=http_port is not None)
 
 
+def _synchronous(bridge: Bridge, mode: str) -> None:
+    """A diagnostic only: how much of the event log's cost is SQLite's fsync per commit."""
+    @sa.event.listens_for(bridge.store.engine, "connect")
+    def _pragma(dbapi_conn, _record):  # noqa: ANN001
+        dbapi_conn.execute(f"PRAGMA synchronous={mode}")
+
+    bridge.store.engine.dispose()  # connections opened so far get the pragma too
+
+
 def _event(event_id: str, start: datetime) -> Event:
     end = start + timedelta(hours=1)
     return Event(event_id, 0, start, end, [SignalInterval("SIMPLE", "level", start, end, 2.0)])
@@ -117,6 +128,8 @@ async def dispatch(args: argparse.Namespace) -> dict:
     n = len(target["sessions"])
     probe = Probe()
     bridge = _bridge(target, Path(args.workdir), None)  # no webhooks: the baselines get none either
+    if args.sqlite_synchronous:
+        _synchronous(bridge, args.sqlite_synchronous)
     probe.attach(bridge)
     await bridge.start()
     start = datetime.now(timezone.utc) + timedelta(seconds=2)
@@ -181,6 +194,8 @@ def main() -> None:
     parser.add_argument("--expect", type=int, default=1000)
     parser.add_argument("--ready", default="")
     parser.add_argument("--max-seconds", type=float, default=120.0)
+    parser.add_argument("--sqlite-synchronous", choices=["NORMAL"], default=None,
+                        help="diagnostic: SQLite's synchronous pragma for the event log (default: as shipped)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.CRITICAL)  # the unreachable VTN's retries are not the point here
     run = dispatch if args.mode == "dispatch" else midevent
