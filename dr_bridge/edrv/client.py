@@ -3,6 +3,7 @@
 One httpx.AsyncClient, so every call shares one connection pool; a semaphore bounds the calls in flight.
 Its transport is aiohttp's (httpx-aiohttp): httpx's own pool slows sharply as calls in flight rise
 (encode/httpx#3215), which is exactly dispatch's load at an interval start; bench/ has the numbers.
+Unlike httpx's own transport, it does not take a proxy from HTTP(S)_PROXY in the environment.
 Retries use tenacity because its stop/wait/retry predicates express "only 429, 5xx and transport errors,
 Retry-After or exponential backoff with jitter" declaratively and are already a dependency.
 """
