@@ -30,8 +30,9 @@ from dr_bridge.config import config_from_dict
 from dr_bridge.daemon import Bridge
 from dr_bridge.domain import Event, SignalInterval
 
-STORE_WRITES = ("add_action", "update_action", "save_session_state", "add_webhook", "mark_webhook_processed",
-                "action_by_edrv_id", "add_reading")
+STORE_CALLS = (  # the event-log methods dispatch and webhooks call per action
+    "add_action", "update_action", "save_session_state", "add_webhook", "mark_webhook_processed",
+    "action_by_edrv_id", "add_reading")
 
 
 class Probe:
@@ -52,7 +53,7 @@ class Probe:
             return action
 
         bridge.client.set_power_limit = set_power_limit
-        for name in STORE_WRITES:
+        for name in STORE_CALLS:
             setattr(bridge.store, name, self._timed(getattr(bridge.store, name)))
 
     def _timed(self, method):

@@ -1,7 +1,8 @@
 """Every benchmark in one command; prints a table and writes bench/results.json.
 
-    python bench/run.py            # the full run (about 10 minutes on 2 cores)
-    python bench/run.py --quick    # 1,000 sessions only, fewer mid-event sessions (about 2 minutes)
+    python bench/run.py            # the full run (about 12 minutes on 2 cores)
+    python bench/run.py --quick    # 1,000 sessions only, fewer mid-event sessions (about 3 minutes)
+    python bench/run.py --show bench/results.json   # the table of an earlier run
 
 Each figure comes from its own process: the eDRV simulator (bench/_simserver.py), the bridge
 (bench/_bridge.py) and each bare loop (bench/_baseline.py), all over loopback. The targets are ratios to
@@ -125,11 +126,17 @@ def midevent_rows(workdir: Path, count: int, latencies: list[int], rate: float) 
                                      "--workdir", str(bridge_dir), "--http-port", str(port), "--expect", str(count),
                                      "--ready", str(ready), "--max-seconds", str(count / rate + 60)],
                                     cwd=ROOT, stdout=subprocess.PIPE, text=True)
-            deadline = time.monotonic() + 180
-            while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.2)
-            asyncio.run(start_sessions(sim.admin, sim.info["stations"], count, rate))
-            out, _ = proc.communicate(timeout=count / rate + 120)
+            try:
+                deadline = time.monotonic() + 180
+                while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                if not ready.exists():
+                    raise RuntimeError("the bridge did not get ready for the mid-event sessions")
+                asyncio.run(start_sessions(sim.admin, sim.info["stations"], count, rate))
+                out, _ = proc.communicate(timeout=count / rate + 120)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
             r = json.loads(out.strip().splitlines()[-1])
             rows.append({"scenario": f"session starting mid-event ({count:,} at {rate:g}/s)", "latency_ms": ms,
                          "client": "bridge", **r})
@@ -197,7 +204,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1,000 sessions only; 200 mid-event sessions")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
+    parser.add_argument("--show", metavar="RESULTS", help="print the table of an earlier results.json and exit")
     args = parser.parse_args()
+    if args.show:
+        saved = json.loads(Path(args.show).read_text())
+        print(table(saved["rows"], saved["targets"]))
+        return
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="dr-bridge-bench-") as tmp:
         workdir = Path(tmp)
