@@ -1,6 +1,9 @@
 """Async client for the eDRV REST API v1.1 (the smart-charging subset the bridge needs).
 
 One httpx.AsyncClient, so every call shares one connection pool; a semaphore bounds the calls in flight.
+Its transport is aiohttp's (httpx-aiohttp): httpx's own pool slows sharply as calls in flight rise
+(encode/httpx#3215), which is exactly dispatch's load at an interval start; bench/ has the numbers.
+Unlike httpx's own transport, it does not take a proxy from HTTP(S)_PROXY in the environment.
 Retries use tenacity because its stop/wait/retry predicates express "only 429, 5xx and transport errors,
 Retry-After or exponential backoff with jitter" declaratively and are already a dependency.
 """
@@ -15,7 +18,9 @@ from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import quote
 
+import aiohttp
 import httpx
+from httpx_aiohttp import AiohttpTransport
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 from tenacity import wait_exponential_jitter
 
@@ -60,7 +65,7 @@ def _wire_number(value: float) -> int | float:
 class EdrvClient:
     def __init__(self, base_url: str, api_key: str, *, timeout_s: float = 10.0, max_concurrency: int = 32,
                  max_retries: int = 3, backoff_base_s: float = 0.5, backoff_max_s: float = 30.0,
-                 on_call: OnCall | None = None, page_size: int = 100) -> None:
+                 on_call: OnCall | None = None, page_size: int = 1000) -> None:
         self.base_url = base_url.rstrip("/")
         self.max_retries = max_retries
         self.backoff_base_s = backoff_base_s
@@ -69,9 +74,10 @@ class EdrvClient:
         self._api_key = api_key
         self._on_call = on_call
         self._sem = asyncio.Semaphore(max_concurrency)
+        limits = httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency)
         self._http = httpx.AsyncClient(
-            base_url=self.base_url + "/", timeout=httpx.Timeout(timeout_s),
-            limits=httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency),
+            base_url=self.base_url + "/", timeout=httpx.Timeout(timeout_s), limits=limits,
+            transport=AiohttpTransport(limits=limits),  # maps httpx's timeouts and TLS verification to aiohttp
             headers={"Authorization": f"Bearer {api_key}", "Accept": "application/json",
                      "User-Agent": "dr-bridge"})
 
@@ -190,17 +196,23 @@ class EdrvClient:
             async with self._sem:
                 try:
                     response = await self._http.request(method, path, params=params, json=json)
-                except httpx.TimeoutException as exc:
-                    raise EdrvTransportError(f"{op}: timeout ({exc.__class__.__name__})", op=op) from None
-                except httpx.TransportError as exc:
-                    raise EdrvTransportError(f"{op}: {exc.__class__.__name__}: {self._scrub(str(exc))}",
-                                             op=op) from None
+                except (httpx.TransportError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                    # aiohttp errors the transport leaves unmapped must not escape the typed errors either
+                    raise self._transport_error(op, exc) from None
             return self._check(op, response)
         except EdrvError as exc:
             error = exc
             raise
         finally:
             self._report(op, time.monotonic() - started, _outcome(error))
+
+    def _transport_error(self, op: str, exc: BaseException) -> EdrvTransportError:
+        # httpx-aiohttp maps every aiohttp connection error, a refused one included, to ConnectTimeout:
+        # name the aiohttp error underneath, so the log says "refused" when it was refused
+        cause = exc.__cause__ if isinstance(exc.__cause__, aiohttp.ClientError) else exc
+        if isinstance(cause, (httpx.TimeoutException, asyncio.TimeoutError)):
+            return EdrvTransportError(f"{op}: timeout ({cause.__class__.__name__})", op=op)
+        return EdrvTransportError(f"{op}: {cause.__class__.__name__}: {self._scrub(str(cause))}", op=op)
 
     def _check(self, op: str, response: httpx.Response) -> dict[str, Any]:
         status = response.status_code

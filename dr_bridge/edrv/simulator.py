@@ -496,13 +496,14 @@ class EdrvSimulator:
 
     # --- HTTP: eDRV API ---------------------------------------------------------------------------
 
-    def _page(self, request: web.Request, items: list[Any]) -> web.Response:
+    def _page(self, request: web.Request, items: list[Any], to_json: Callable[[Any], Any]) -> web.Response:
+        """One page of items; only that page is serialised, so listing 10,000 sessions stays linear."""
         try:
             limit = min(self.page_size_max, max(1, int(request.query.get("paginate_limit", 20))))
             page = max(1, int(request.query.get("paginate_page", 1)))
         except ValueError:
             raise _Reject(400, "paginate_limit and paginate_page must be integers") from None
-        chunk = items[(page - 1) * limit: page * limit]
+        chunk = [to_json(item) for item in items[(page - 1) * limit: page * limit]]
         return web.json_response({"ok": True, "message": "", "result": chunk,
                                   "hasNext": page * limit < len(items), "hasPrevious": page > 1})
 
@@ -520,7 +521,7 @@ class EdrvSimulator:
         return session
 
     async def _list_stations(self, request: web.Request) -> web.Response:
-        return self._page(request, [self._station_json(s) for s in self._stations.values()])
+        return self._page(request, list(self._stations.values()), self._station_json)
 
     async def _get_station(self, request: web.Request) -> web.Response:
         return _envelope(True, "", self._station_json(self._station(request)))
@@ -532,9 +533,13 @@ class EdrvSimulator:
         if not self.ignore_session_filters:
             sessions = [s for s in sessions if (not status or s.status.lower() == status.lower())
                         and (not station or s.station_id == station)]
-        for s in sessions:
-            self._advance(s, time.time())
-        return self._page(request, [self._session_json(s) for s in sessions])
+        now = time.time()
+
+        def to_json(session: _Session) -> dict[str, Any]:
+            self._advance(session, now)
+            return self._session_json(session)
+
+        return self._page(request, sessions, to_json)
 
     async def _get_session(self, request: web.Request) -> web.Response:
         return _envelope(True, "", self._session_json(self._session(request)))
