@@ -32,7 +32,8 @@ from dr_bridge.domain import Event, SignalInterval
 
 STORE_CALLS = (  # the event-log methods dispatch and webhooks call per action
     "add_action", "update_action", "save_session_state", "add_webhook", "mark_webhook_processed",
-    "action_by_edrv_id", "add_reading")
+    "action_by_edrv_id", "add_reading",
+    "write_batch")  # the dispatcher's group commits (journal.py), which run in a worker thread
 
 
 class Probe:
@@ -41,7 +42,7 @@ class Probe:
         self.acked: dict[str, float] = {}  # session id -> last set_power_limit answered 2xx
         self.received: dict[str, float] = {}  # session id -> its session.started webhook received
         self.began: dict[str, float] = {}  # session id -> when the simulator started it (its createdAt)
-        self.store_s = 0.0  # event-loop time spent inside the event log's methods
+        self.store_s = 0.0  # time spent inside the event log's methods (on the loop, or the journal's thread)
 
     def attach(self, bridge: Bridge) -> None:
         send = bridge.client.set_power_limit

@@ -186,7 +186,7 @@ def table(rows: list[dict], judged: list[dict]) -> str:
                          and x["latency_ms"] == r["latency_ms"] and x["client"] == "aiohttp"), None)
             notes = "stopped at its time bound" if r["ok"] < int(r["scenario"].split()[1].replace(",", "")) else ""
             if r["client"].startswith("bridge"):
-                notes = (f"event log {r['store_s']:.1f} s of loop time ({1000 * r['store_s'] / max(1, r['ok']):.1f} "
+                notes = (f"event log {r['store_s']:.1f} s ({1000 * r['store_s'] / max(1, r['ok']):.1f} "
                          f"ms/action), {r['actions_recorded']:,} actions recorded, peak RSS {r['peak_rss_mb']:.0f} MB")
             lines.append(f"| {r['scenario']} | {r['latency_ms']} ms | {r['client']} | {r['ok']:,} | {r['seconds']:.2f} "
                          f"| {r['rps']:,.0f} | {r['rps'] / base:.2f} | {notes} |" if base else "")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable, Literal
 
 from dr_bridge.domain import Limit, Station
+from dr_bridge.journal import Journal
 from dr_bridge.edrv.errors import (EdrvError, EdrvNotFound, EdrvRateLimited, EdrvRejected)
 from dr_bridge.policy import restore_plan
 from dr_bridge.store import ActionRow, Store
@@ -58,6 +59,7 @@ class Dispatcher:
                  backoff_max_s: float = 60.0, on_noncompliant: NonCompliant | None = None):
         self.client = client
         self.store = store
+        self.journal = Journal(store)
         self.limit_retries = limit_retries
         self.backoff_s = backoff_s
         self.backoff_max_s = backoff_max_s
@@ -207,6 +209,7 @@ class Dispatcher:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.journal.flush()
 
     # --- the worker ----------------------------------------------------------------------------------
     def _slot(self, session_id: str, station: Station) -> _Slot:
@@ -223,8 +226,8 @@ class Dispatcher:
                 slot.changed.clear()
                 want = slot.desired
                 if want.dry:
-                    self._record(session_id, slot, want, *self._plan(slot, want), status="dry_run",
-                                 detail="dry run: not sent")
+                    await self._record(session_id, slot, want, *self._plan(slot, want), status="dry_run",
+                                       detail="dry run: not sent")
                     slot.applied = want.key
                 elif want.kind == "limit":
                     await self._apply_limit(session_id, slot, want)
@@ -243,19 +246,25 @@ class Dispatcher:
             how, limit = "set", Limit("current", slot.station.max_current)
         return ("clear_power_limit" if how == "clear" else "set_power_limit"), "restore", limit
 
-    def _record(self, session_id: str, slot: _Slot, want: Desired, kind: str, purpose: str,
-                limit: Limit | None, status: str = "planned", detail: str = "") -> ActionRow:
-        return self.store.add_action(ActionRow(
-            event_id=want.event_id, session_id=session_id, chargestation_id=slot.station.id,
-            resource_id=slot.station.resource_id, kind=kind, purpose=purpose,
-            unit=limit.unit if limit else None, limit=limit.value if limit else None, status=status, detail=detail))
+    async def _record(self, session_id: str, slot: _Slot, want: Desired, kind: str, purpose: str,
+                      limit: Limit | None, status: str = "planned", detail: str = "",
+                      state: dict | None = None) -> ActionRow:
+        """The action row (and with `state`, the session's durable state first), committed before the call."""
+        row = ActionRow(event_id=want.event_id, session_id=session_id, chargestation_id=slot.station.id,
+                        resource_id=slot.station.resource_id, kind=kind, purpose=purpose,
+                        unit=limit.unit if limit else None, limit=limit.value if limit else None, status=status,
+                        detail=detail)
+        writes = ([("state", session_id, state)] if state else []) + [("add_action", row, {})]
+        return (await self.journal.write(*writes))[-1]
+
+    async def _update(self, row: ActionRow, **changes) -> None:
+        await self.journal.write(("update_action", row.id, changes))
 
     async def _apply_limit(self, session_id: str, slot: _Slot, want: Desired) -> None:
         # Persist before acting: a crash after the POST must still find this session to restore.
-        self.store.save_session_state(session_id, chargestation_id=slot.station.id,
-                                      resource_id=slot.station.resource_id, event_id=want.event_id,
-                                      limited=True, unit=want.limit.unit, limit=want.limit.value)
-        row = self._record(session_id, slot, want, "set_power_limit", "limit", want.limit)
+        state = dict(chargestation_id=slot.station.id, resource_id=slot.station.resource_id, event_id=want.event_id,
+                     limited=True, unit=want.limit.unit, limit=want.limit.value)
+        row = await self._record(session_id, slot, want, "set_power_limit", "limit", want.limit, state=state)
         outcome = await self._call(session_id, slot, want, row,
                                    lambda: self.client.set_power_limit(session_id, want.limit.unit, want.limit.value,
                                                                        max_retries=0))
@@ -276,7 +285,7 @@ class Dispatcher:
         failures = 0
         while not slot.ended and slot.desired is want:
             if kind == "clear_power_limit":
-                row = self._record(session_id, slot, want, kind, "restore", None)
+                row = await self._record(session_id, slot, want, kind, "restore", None)
                 outcome = await self._call(session_id, slot, want, row,
                                            lambda: self.client.clear_power_limit(session_id, max_retries=0))
                 if outcome == "rejected":
@@ -285,13 +294,13 @@ class Dispatcher:
                     kind, limit = "set_power_limit", Limit("current", slot.station.max_current)
                     continue
             else:
-                row = self._record(session_id, slot, want, kind, "restore", limit)
+                row = await self._record(session_id, slot, want, kind, "restore", limit)
                 outcome = await self._call(session_id, slot, want, row,
                                            lambda: self.client.set_power_limit(session_id, limit.unit, limit.value,
                                                                                max_retries=0))
             if outcome == "ok":
                 slot.applied = RESTORED
-                self.store.save_session_state(session_id, limited=False)
+                await self.journal.write(("state", session_id, {"limited": False}))
                 return
             if outcome in ("superseded", "ended"):
                 return
@@ -306,7 +315,7 @@ class Dispatcher:
         attempts = 0
         while True:
             if slot.desired is not want or slot.ended:
-                self.store.update_action(row.id, status="skipped", attempts=attempts,
+                await self._update(row, status="skipped", attempts=attempts,
                                          detail="superseded" if not slot.ended else "session ended")
                 return "ended" if slot.ended else "superseded"
             attempts += 1
@@ -314,26 +323,26 @@ class Dispatcher:
                 action = await send()
             except EdrvRateLimited as exc:
                 delay = exc.retry_after if exc.retry_after is not None else self._backoff(attempts)
-                self.store.update_action(row.id, attempts=attempts, detail=f"rate limited; retry in {delay:.1f}s")
+                await self._update(row, attempts=attempts, detail=f"rate limited; retry in {delay:.1f}s")
                 await self._wait(slot, delay)
                 continue
             except EdrvNotFound:
-                self.store.update_action(row.id, status="skipped", attempts=attempts, detail="session not found")
+                await self._update(row, status="skipped", attempts=attempts, detail="session not found")
                 self.session_ended(session_id)
                 return "ended"
             except EdrvRejected as exc:
-                self.store.update_action(row.id, status="rejected", attempts=attempts, detail=exc.message[:500])
+                await self._update(row, status="rejected", attempts=attempts, detail=exc.message[:500])
                 if await self._session_gone(session_id):
                     return "ended"
                 return "rejected"
             except EdrvError as exc:  # server or transport: retry with backoff, then give up on this row
                 if attempts >= 5:
-                    self.store.update_action(row.id, status="failed", attempts=attempts, detail=str(exc)[:500])
+                    await self._update(row, status="failed", attempts=attempts, detail=str(exc)[:500])
                     return "failed"
-                self.store.update_action(row.id, attempts=attempts, detail=f"{exc}; retrying"[:500])
+                await self._update(row, attempts=attempts, detail=f"{exc}; retrying"[:500])
                 await self._wait(slot, self._backoff(attempts))
                 continue
-            self.store.update_action(row.id, status="requested", attempts=attempts, edrv_action_id=action.id,
+            await self._update(row, status="requested", attempts=attempts, edrv_action_id=action.id,
                                      detail="")
             return "ok"
 

@@ -408,15 +408,19 @@ class Store:
 
     def update_action(self, action_id: int, **changes: Any) -> ActionRow | None:
         with self.session() as s:
-            row = s.get(ActionRow, action_id)
-            if row is None:
-                return None
+            row = self._update_action(s, action_id, changes)
+            s.commit()
+            return row
+
+    @staticmethod
+    def _update_action(s: Session, action_id: int, changes: dict[str, Any]) -> ActionRow | None:
+        row = s.get(ActionRow, action_id)
+        if row is not None:
             for k, v in changes.items():
                 setattr(row, k, v)
             row.updated_at = utcnow()
             s.add(row)
-            s.commit()
-            return row
+        return row
 
     def action_by_edrv_id(self, edrv_action_id: str) -> ActionRow | None:
         with self.session() as s:
@@ -484,16 +488,41 @@ class Store:
 
     def save_session_state(self, session_id: str, **fields: Any) -> None:
         with self.session() as s:
-            row = s.get(SessionState, (self.bridge, session_id))
-            if row is None:
-                row = SessionState(bridge=self.bridge, session_id=session_id,
-                                   chargestation_id=fields.pop("chargestation_id", ""),
-                                   resource_id=fields.pop("resource_id", ""))
-            for k, v in fields.items():
-                setattr(row, k, v)
-            row.updated_at = utcnow()
-            s.add(row)
+            self._save_session_state(s, session_id, fields)
             s.commit()
+
+    def _save_session_state(self, s: Session, session_id: str, fields: dict[str, Any]) -> None:
+        fields = dict(fields)
+        row = s.get(SessionState, (self.bridge, session_id))
+        if row is None:
+            row = SessionState(bridge=self.bridge, session_id=session_id,
+                               chargestation_id=fields.pop("chargestation_id", ""),
+                               resource_id=fields.pop("resource_id", ""))
+        for k, v in fields.items():
+            setattr(row, k, v)
+        row.updated_at = utcnow()
+        s.add(row)
+
+    def write_batch(self, writes: list[tuple[str, Any, dict[str, Any]]]) -> list[Any]:
+        """Several of the dispatcher's writes in one transaction (see journal.py), in order:
+        ("state", session_id, fields), ("add_action", ActionRow, {}), ("update_action", action_id, changes).
+        Returns each write's row (None for a session state)."""
+        out: list[Any] = []
+        with self.session() as s:
+            for kind, key, fields in writes:
+                if kind == "state":
+                    self._save_session_state(s, key, fields)
+                    out.append(None)
+                elif kind == "add_action":
+                    key.bridge = self.bridge
+                    s.add(key)
+                    out.append(key)
+                elif kind == "update_action":
+                    out.append(self._update_action(s, key, fields))
+                else:
+                    raise ValueError(f"unknown write {kind!r}")
+            s.commit()  # new action rows get their ids here
+        return out
 
     # --- opt-outs -----------------------------------------------------------------------------------
     def add_opt_out(self, row: OptOutRow) -> OptOutRow:

@@ -1,0 +1,48 @@
+"""Group commit (journal.py): concurrent writers share transactions, each still waits for its own commit,
+order is kept, and one bad write fails only its own writer."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from dr_bridge.journal import Journal
+from dr_bridge.store import ActionRow, Store
+
+
+def action(session_id: str) -> ActionRow:
+    return ActionRow(session_id=session_id, chargestation_id="C1", resource_id="r", kind="set_power_limit",
+                     purpose="limit", unit="current", limit=16)
+
+
+async def test_concurrent_writes_share_commits_and_are_durable_when_awaited(db_url):
+    store = Store.open(db_url, bridge="b")
+    batches: list[int] = []
+    write_batch = store.write_batch
+    store.write_batch = lambda writes: batches.append(len(writes)) or write_batch(writes)
+    journal = Journal(store)
+
+    async def one(i: int) -> None:
+        sid = f"S{i:03d}"
+        (_, row) = await journal.write(("state", sid, {"chargestation_id": "C1", "resource_id": "r", "limited": True}),
+                                       ("add_action", action(sid), {}))
+        assert row.id is not None and store.get_session_state(sid).limited  # committed before we go on
+        await journal.write(("update_action", row.id, {"status": "requested", "attempts": 1}))
+
+    await asyncio.gather(*(one(i) for i in range(64)))
+    await journal.flush()
+    assert sum(batches) == 64 * 3 and len(batches) < 64 * 2  # shared transactions, not one per write
+    assert {a.status for a in store.actions()} == {"requested"} and len(store.actions()) == 64
+    assert len(store.session_states(limited_only=True)) == 64
+    store.close()
+
+
+async def test_a_bad_write_fails_only_its_writer(db_url):
+    store = Store.open(db_url, bridge="b")
+    journal = Journal(store)
+    good = journal.write(("add_action", action("S1"), {}))
+    bad = journal.write(("nonsense", None, {}))
+    results = await asyncio.gather(good, bad, return_exceptions=True)
+    assert results[0][0].id is not None and isinstance(results[1], ValueError)
+    assert [a.session_id for a in store.actions()] == ["S1"]
+    store.close()
