@@ -102,9 +102,12 @@ async def test_ev_power_follows_limit_after_delay(sim, http):
     assert sim.session_power_kw(session_id) == pytest.approx(20 * 230 * 3 / 1000)
     t0 = time.time()
     async with EdrvClient(sim.base_url, KEY) as edrv:
+        await edrv.get_session(session_id)  # the connection is up before the timed part
+        t_call = time.time()
         await edrv.set_power_limit(session_id, "current", 10)
         t_set = time.time()
-        assert sim.session_power_kw(session_id) == pytest.approx(13.8)  # the EV has not reacted yet
+        if t_set - t_call < 0.15:  # on a loaded machine the call itself may outlast the EV's reaction delay
+            assert sim.session_power_kw(session_id) == pytest.approx(13.8)  # the EV has not reacted yet
         await asyncio.sleep(0.3)  # ev_delay_s 0.2, jitter at most +20 %
         assert sim.session_power_kw(session_id) == pytest.approx(6.9)
         await edrv.set_power_limit(session_id, "power", 4600)
