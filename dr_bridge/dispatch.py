@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable, Literal
 
 from dr_bridge.domain import Limit, Station
-from dr_bridge.journal import Journal
 from dr_bridge.edrv.errors import (EdrvError, EdrvNotFound, EdrvRateLimited, EdrvRejected)
+from dr_bridge.journal import Journal
 from dr_bridge.policy import restore_plan
 from dr_bridge.store import ActionRow, Store
 
@@ -316,7 +316,7 @@ class Dispatcher:
         while True:
             if slot.desired is not want or slot.ended:
                 await self._update(row, status="skipped", attempts=attempts,
-                                         detail="superseded" if not slot.ended else "session ended")
+                                   detail="superseded" if not slot.ended else "session ended")
                 return "ended" if slot.ended else "superseded"
             attempts += 1
             try:
@@ -342,8 +342,7 @@ class Dispatcher:
                 await self._update(row, attempts=attempts, detail=f"{exc}; retrying"[:500])
                 await self._wait(slot, self._backoff(attempts))
                 continue
-            await self._update(row, status="requested", attempts=attempts, edrv_action_id=action.id,
-                                     detail="")
+            await self._update(row, status="requested", attempts=attempts, edrv_action_id=action.id, detail="")
             return "ok"
 
     async def _session_gone(self, session_id: str) -> bool:

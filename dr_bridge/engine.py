@@ -143,6 +143,10 @@ class Engine:
             self.dispatcher.want(st.session_id, station, Desired("restore", event_id=st.event_id))
         await self.dispatcher.drain(timeout)
 
+    def _retry_soon(self) -> None:
+        """Another pass in a second, rather than at the next reconcile interval."""
+        asyncio.get_running_loop().call_later(RETRY_RECOMPUTE_S, self.kick)
+
     def kick(self) -> None:
         """Ask for a recompute; bursts coalesce into one pass."""
         self._idle.clear()
@@ -160,9 +164,9 @@ class Engine:
             try:
                 await self.recompute()
             except Exception:
-                # Typically the database or eDRV away for a moment: try again soon, not a reconcile later.
+                # Typically the database or eDRV away for a moment.
                 log.exception("recompute failed; retrying in %g s", RETRY_RECOMPUTE_S)
-                asyncio.get_running_loop().call_later(RETRY_RECOMPUTE_S, self.kick)
+                self._retry_soon()
             if not self._dirty.is_set():
                 self._idle.set()
 
@@ -295,8 +299,7 @@ class Engine:
         if not scope:
             return
         if not await self._refresh_sessions(scope):
-            # Limits are due and eDRV would not say which sessions run: ask again soon, not a reconcile later.
-            asyncio.get_running_loop().call_later(RETRY_RECOMPUTE_S, self.kick)
+            self._retry_soon()  # limits are due and eDRV would not say which sessions run
         # At once, not one after another: under a 429 storm each may take seconds, and the limits wait on them.
         for sid, station in zip(scope, await asyncio.gather(*(self._resolve(self.stations[sid]) for sid in scope))):
             self.stations[sid] = station

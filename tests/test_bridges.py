@@ -13,7 +13,7 @@ import pytest
 from dr_bridge.config import config_from_dict
 from dr_bridge.daemon import Bridge, StationConflict
 from dr_bridge.rig import API_KEY, Rig, StationSpec, wait_for
-from dr_bridge.store import EventRow, SessionState, Store, WebhookRow
+from dr_bridge.store import EventRow, Store, WebhookRow
 
 T0 = datetime(2026, 11, 25, 12, 0, tzinfo=timezone.utc)
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-
 from dr_bridge.journal import Journal
 from dr_bridge.store import ActionRow, Store
 
