@@ -18,7 +18,7 @@ from dr_bridge.domain import Limit, Station
 from dr_bridge.edrv.errors import (EdrvError, EdrvNotFound, EdrvRateLimited, EdrvRejected)
 from dr_bridge.journal import Journal
 from dr_bridge.policy import restore_plan
-from dr_bridge.store import ActionRow, Store
+from dr_bridge.store import Store
 
 log = logging.getLogger("dr_bridge.dispatch")
 
@@ -248,24 +248,25 @@ class Dispatcher:
 
     async def _record(self, session_id: str, slot: _Slot, want: Desired, kind: str, purpose: str,
                       limit: Limit | None, status: str = "planned", detail: str = "",
-                      state: dict | None = None) -> ActionRow:
-        """The action row (and with `state`, the session's durable state first), committed before the call."""
-        row = ActionRow(event_id=want.event_id, session_id=session_id, chargestation_id=slot.station.id,
-                        resource_id=slot.station.resource_id, kind=kind, purpose=purpose,
-                        unit=limit.unit if limit else None, limit=limit.value if limit else None, status=status,
-                        detail=detail)
+                      state: dict | None = None) -> int:
+        """The action row (and with `state`, the session's durable state first), committed before the call;
+        its id."""
+        row = dict(event_id=want.event_id, session_id=session_id, chargestation_id=slot.station.id,
+                   resource_id=slot.station.resource_id, kind=kind, purpose=purpose,
+                   unit=limit.unit if limit else None, limit=limit.value if limit else None, status=status,
+                   detail=detail)
         writes = ([("state", session_id, state)] if state else []) + [("add_action", row, {})]
         return (await self.journal.write(*writes))[-1]
 
-    async def _update(self, row: ActionRow, **changes) -> None:
-        await self.journal.write(("update_action", row.id, changes))
+    async def _update(self, action_id: int, **changes) -> None:
+        await self.journal.write(("update_action", action_id, changes))
 
     async def _apply_limit(self, session_id: str, slot: _Slot, want: Desired) -> None:
         # Persist before acting: a crash after the POST must still find this session to restore.
         state = dict(chargestation_id=slot.station.id, resource_id=slot.station.resource_id, event_id=want.event_id,
                      limited=True, unit=want.limit.unit, limit=want.limit.value)
-        row = await self._record(session_id, slot, want, "set_power_limit", "limit", want.limit, state=state)
-        outcome = await self._call(session_id, slot, want, row,
+        action_id = await self._record(session_id, slot, want, "set_power_limit", "limit", want.limit, state=state)
+        outcome = await self._call(session_id, slot, want, action_id,
                                    lambda: self.client.set_power_limit(session_id, want.limit.unit, want.limit.value,
                                                                        max_retries=0))
         if outcome == "ok":
@@ -285,8 +286,8 @@ class Dispatcher:
         failures = 0
         while not slot.ended and slot.desired is want:
             if kind == "clear_power_limit":
-                row = await self._record(session_id, slot, want, kind, "restore", None)
-                outcome = await self._call(session_id, slot, want, row,
+                action_id = await self._record(session_id, slot, want, kind, "restore", None)
+                outcome = await self._call(session_id, slot, want, action_id,
                                            lambda: self.client.clear_power_limit(session_id, max_retries=0))
                 if outcome == "rejected":
                     # eDRV simulator stations, and some physical ones, refuse clears: lift the limit instead.
@@ -294,8 +295,8 @@ class Dispatcher:
                     kind, limit = "set_power_limit", Limit("current", slot.station.max_current)
                     continue
             else:
-                row = await self._record(session_id, slot, want, kind, "restore", limit)
-                outcome = await self._call(session_id, slot, want, row,
+                action_id = await self._record(session_id, slot, want, kind, "restore", limit)
+                outcome = await self._call(session_id, slot, want, action_id,
                                            lambda: self.client.set_power_limit(session_id, limit.unit, limit.value,
                                                                                max_retries=0))
             if outcome == "ok":
@@ -310,12 +311,12 @@ class Dispatcher:
                 return
             await self._wait(slot, self._backoff(failures))
 
-    async def _call(self, session_id: str, slot: _Slot, want: Desired, row: ActionRow, send) -> str:
+    async def _call(self, session_id: str, slot: _Slot, want: Desired, action_id: int, send) -> str:
         """One call with its own transport retries; returns ok | rejected | failed | superseded | ended."""
         attempts = 0
         while True:
             if slot.desired is not want or slot.ended:
-                await self._update(row, status="skipped", attempts=attempts,
+                await self._update(action_id, status="skipped", attempts=attempts,
                                    detail="superseded" if not slot.ended else "session ended")
                 return "ended" if slot.ended else "superseded"
             attempts += 1
@@ -323,26 +324,26 @@ class Dispatcher:
                 action = await send()
             except EdrvRateLimited as exc:
                 delay = exc.retry_after if exc.retry_after is not None else self._backoff(attempts)
-                await self._update(row, attempts=attempts, detail=f"rate limited; retry in {delay:.1f}s")
+                await self._update(action_id, attempts=attempts, detail=f"rate limited; retry in {delay:.1f}s")
                 await self._wait(slot, delay)
                 continue
             except EdrvNotFound:
-                await self._update(row, status="skipped", attempts=attempts, detail="session not found")
+                await self._update(action_id, status="skipped", attempts=attempts, detail="session not found")
                 self.session_ended(session_id)
                 return "ended"
             except EdrvRejected as exc:
-                await self._update(row, status="rejected", attempts=attempts, detail=exc.message[:500])
+                await self._update(action_id, status="rejected", attempts=attempts, detail=exc.message[:500])
                 if await self._session_gone(session_id):
                     return "ended"
                 return "rejected"
-            except EdrvError as exc:  # server or transport: retry with backoff, then give up on this row
+            except EdrvError as exc:  # server or transport: retry with backoff, then give up on this action_id
                 if attempts >= 5:
-                    await self._update(row, status="failed", attempts=attempts, detail=str(exc)[:500])
+                    await self._update(action_id, status="failed", attempts=attempts, detail=str(exc)[:500])
                     return "failed"
-                await self._update(row, attempts=attempts, detail=f"{exc}; retrying"[:500])
+                await self._update(action_id, attempts=attempts, detail=f"{exc}; retrying"[:500])
                 await self._wait(slot, self._backoff(attempts))
                 continue
-            await self._update(row, status="requested", attempts=attempts, edrv_action_id=action.id, detail="")
+            await self._update(action_id, status="requested", attempts=attempts, edrv_action_id=action.id, detail="")
             return "ok"
 
     async def _session_gone(self, session_id: str) -> bool:

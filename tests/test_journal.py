@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 
 from dr_bridge.journal import Journal
-from dr_bridge.store import ActionRow, Store
+from dr_bridge.store import Store
 
 
-def action(session_id: str) -> ActionRow:
-    return ActionRow(session_id=session_id, chargestation_id="C1", resource_id="r", kind="set_power_limit",
-                     purpose="limit", unit="current", limit=16)
+def action(session_id: str) -> dict:
+    return dict(session_id=session_id, chargestation_id="C1", resource_id="r", kind="set_power_limit",
+                purpose="limit", unit="current", limit=16)
 
 
 async def test_concurrent_writes_share_commits_and_are_durable_when_awaited(db_url):
@@ -22,15 +22,18 @@ async def test_concurrent_writes_share_commits_and_are_durable_when_awaited(db_u
 
     async def one(i: int) -> None:
         sid = f"S{i:03d}"
-        (_, row) = await journal.write(("state", sid, {"chargestation_id": "C1", "resource_id": "r", "limited": True}),
+        (_, action_id) = await journal.write(("state", sid, {"chargestation_id": "C1", "resource_id": "r", "limited": True}),
                                        ("add_action", action(sid), {}))
-        assert row.id is not None and store.get_session_state(sid).limited  # committed before we go on
-        await journal.write(("update_action", row.id, {"status": "requested", "attempts": 1}))
+        assert action_id is not None and store.get_session_state(sid).limited  # committed before we go on
+        await journal.write(("update_action", action_id, {"status": "requested", "attempts": 1}))
 
     await asyncio.gather(*(one(i) for i in range(64)))
     await journal.flush()
     assert sum(batches) == 64 * 3 and len(batches) < 64 * 2  # shared transactions, not one per write
-    assert {a.status for a in store.actions()} == {"requested"} and len(store.actions()) == 64
+    actions = store.actions()
+    assert {a.status for a in actions} == {"requested"} and len(actions) == 64
+    assert {(a.bridge, a.kind, a.unit, a.limit, a.attempts) for a in actions} == {("b", "set_power_limit", "current", 16, 1)}
+    assert all(a.updated_at >= a.at for a in actions)
     assert len(store.session_states(limited_only=True)) == 64
     store.close()
 
@@ -41,6 +44,19 @@ async def test_a_bad_write_fails_only_its_writer(db_url):
     good = journal.write(("add_action", action("S1"), {}))
     bad = journal.write(("nonsense", None, {}))
     results = await asyncio.gather(good, bad, return_exceptions=True)
-    assert results[0][0].id is not None and isinstance(results[1], ValueError)
+    assert isinstance(results[0][0], int) and isinstance(results[1], ValueError)
     assert [a.session_id for a in store.actions()] == ["S1"]
+    store.close()
+
+
+async def test_a_partial_state_write_changes_only_its_fields(db_url):
+    store = Store.open(db_url, bridge="b")
+    journal = Journal(store)
+    await journal.write(("state", "S1", {"chargestation_id": "C1", "resource_id": "r", "event_id": "E1",
+                                         "limited": True, "unit": "current", "limit": 16}))
+    await journal.write(("state", "S1", {"limited": False}))
+    state = store.get_session_state("S1")
+    assert (state.chargestation_id, state.resource_id, state.event_id, state.limited, state.unit, state.limit) == (
+        "C1", "r", "E1", False, "current", 16)
+    assert Store.open(db_url, bridge="other").get_session_state("S1") is None  # keyed by bridge
     store.close()
