@@ -1,10 +1,11 @@
 """Bare client loops: the same set_power_limit requests the bridge sends, with nothing around them.
 
-    python -m bench._baseline aiohttp|httpx|httpx-aiohttp|httpx-aiohttptransport|edrv-client|sequential \
+    python -m bench._baseline aiohttp|httpx|httpx-aiohttp|httpx-aiohttptransport|httpx-own-transport|edrv-client|sequential \
         --target FILE [--concurrency 32] [--max-requests N] [--max-seconds S]
 
-`httpx` is plain httpx (its own pool); `httpx-aiohttp` and `httpx-aiohttptransport` are httpx on the two
-aiohttp transports on PyPI; `edrv-client` is the bridge's own EdrvClient (transport, semaphore, error
+`httpx` is plain httpx (its own pool); `httpx-aiohttp` and `httpx-aiohttptransport` are httpx.AsyncClient on
+the two aiohttp transports on PyPI, `httpx-own-transport` on the bridge's (dr_bridge/edrv/transport.py);
+`edrv-client` is the bridge's own EdrvClient (httpx requests straight to that transport, semaphore, error
 mapping) without the engine or the event log; `sequential` is plain httpx, one request at a time.
 
 Run as a subprocess so it never shares an event loop with the bridge. Prints one JSON line:
@@ -32,6 +33,10 @@ def _httpx_client(kind: str, base: str, headers: dict, concurrency: int) -> http
 
         return httpx.AsyncClient(base_url=base, headers=headers, limits=limits,
                                  transport=AiohttpTransport(limits=limits))
+    if kind == "httpx-own-transport":
+        from dr_bridge.edrv.transport import AiohttpTransport as OwnTransport
+
+        return httpx.AsyncClient(base_url=base, headers=headers, transport=OwnTransport(max_connections=concurrency))
     if kind == "httpx-aiohttptransport":
         from httpx_aiohttp_transport import create_aiohttp_backed_httpx_client
 
@@ -87,7 +92,7 @@ async def run(kind: str, target: dict, concurrency: int, max_requests: int, max_
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("client", choices=["aiohttp", "httpx", "httpx-aiohttp", "httpx-aiohttptransport",
-                                           "edrv-client", "sequential"])
+                                           "httpx-own-transport", "edrv-client", "sequential"])
     parser.add_argument("--target", required=True)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--max-requests", type=int, default=10_000)

@@ -102,7 +102,7 @@ def dispatch_rows(workdir: Path, sessions: int, latencies: list[int], transports
                              "actions_recorded": bridge["actions_recorded"], "peak_rss_mb": bridge["peak_rss_mb"]})
             clients = ["aiohttp", "httpx", "sequential"]
             if transports:
-                clients += ["httpx-aiohttp", "httpx-aiohttptransport", "edrv-client"]
+                clients += ["httpx-aiohttp", "httpx-aiohttptransport", "httpx-own-transport", "edrv-client"]
             for client in clients:
                 seconds = "8" if client == "sequential" else "15"
                 r = python("bench._baseline", client, "--target", str(sim.target), "--concurrency",

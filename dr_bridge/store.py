@@ -510,27 +510,37 @@ class Store:
         ("state", session_id, fields), ("add_action", column values, {}), ("update_action", action_id, changes).
         Returns each write's result: the new action's id for add_action, None otherwise.
 
-        Plain SQL statements rather than the ORM: at an interval start this runs three times per session,
-        and the ORM's identity map, change tracking and per-row SELECTs cost ten times the statements."""
-        out: list[Any] = []
+        Plain SQL statements rather than the ORM, and one executemany per kind of write: at an interval
+        start this runs three times per session, and the ORM's per-row SELECTs and change tracking (holding
+        the event loop's GIL) cost many times the writes themselves."""
         now = utcnow()
+        runs: dict[Any, list[tuple[int, dict[str, Any]]]] = {}
+        # Grouping reorders writes of different kinds or columns: safe while no row is written twice in one
+        # batch. The dispatcher awaits each write before its next, so it never is; if it were, the batch's
+        # writes go one statement each, in their order.
+        keys = [(kind, key) for kind, key, _ in writes if kind != "add_action"]
+        one_by_one = len(keys) != len(set(keys))
+        for i, (kind, key, fields) in enumerate(writes):
+            if kind == "state":
+                params = {"chargestation_id": "", "resource_id": "", **fields, "bridge": self.bridge,
+                          "session_id": key, "updated_at": now}
+            elif kind == "add_action":
+                params = {"at": now, **key, "updated_at": now, "bridge": self.bridge}  # the rest: column defaults
+            elif kind == "update_action":
+                params = {**{f"v_{k}": v for k, v in fields.items()}, "v_updated_at": now, "w_id": key,
+                          "w_bridge": self.bridge}
+            else:
+                raise ValueError(f"unknown write {kind!r}")
+            statement = (kind, tuple(key) if kind == "add_action" else tuple(fields))
+            runs.setdefault((statement, i) if one_by_one else statement, []).append((i, params))
+        out: list[Any] = [None] * len(writes)
         with self.engine.begin() as conn:
-            for kind, key, fields in writes:
-                if kind == "state":
-                    conn.execute(self._statement("state", tuple(fields)),
-                                 {"chargestation_id": "", "resource_id": "", **fields, "bridge": self.bridge,
-                                  "session_id": key, "updated_at": now})
-                    out.append(None)
-                elif kind == "add_action":
-                    values = {"at": now, **key, "updated_at": now, "bridge": self.bridge}  # the rest: column defaults
-                    out.append(conn.execute(self._statement("add_action", ()), values).scalar_one())
-                elif kind == "update_action":
-                    params = {f"v_{k}": v for k, v in fields.items()}
-                    conn.execute(self._statement("update_action", tuple(fields)),
-                                 {**params, "v_updated_at": now, "w_id": key, "w_bridge": self.bridge})
-                    out.append(None)
-                else:
-                    raise ValueError(f"unknown write {kind!r}")
+            for run, items in runs.items():
+                (kind, columns) = run[0] if one_by_one else run
+                result = conn.execute(self._statement(kind, columns), [params for _, params in items])
+                if kind == "add_action":
+                    for (i, _), new_id in zip(items, result.scalars(), strict=True):
+                        out[i] = new_id
         return out
 
     def _statement(self, kind: str, columns: tuple[str, ...]) -> Any:
@@ -547,7 +557,7 @@ class Store:
                 set_={c: insert.excluded[c] for c in (*columns, "updated_at")})
         elif kind == "add_action":
             t = ActionRow.__table__
-            statement = sa.insert(t).returning(t.c.id)
+            statement = sa.insert(t).returning(t.c.id, sort_by_parameter_order=True)  # ids in the writes' order
         else:
             t = ActionRow.__table__
             statement = (sa.update(t).where(t.c.id == sa.bindparam("w_id"), t.c.bridge == sa.bindparam("w_bridge"))

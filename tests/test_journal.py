@@ -60,3 +60,15 @@ async def test_a_partial_state_write_changes_only_its_fields(db_url):
         "C1", "r", "E1", False, "current", 16)
     assert Store.open(db_url, bridge="other").get_session_state("S1") is None  # keyed by bridge
     store.close()
+
+
+def test_a_batch_writing_one_row_twice_keeps_the_order(db_url):
+    store = Store.open(db_url, bridge="b")
+    ids = store.write_batch([("state", "S1", {"chargestation_id": "C1", "resource_id": "r", "limited": True}),
+                             ("add_action", action("S1"), {}), ("add_action", action("S2"), {}),
+                             ("state", "S2", {"chargestation_id": "C1", "resource_id": "r", "limited": True}),
+                             ("state", "S1", {"limited": False})])
+    assert ids[0] is None and ids[1] < ids[2] and ids[3:] == [None, None]
+    assert not store.get_session_state("S1").limited and store.get_session_state("S2").limited
+    assert [a.session_id for a in store.actions()] == ["S1", "S2"]
+    store.close()
