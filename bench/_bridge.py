@@ -3,8 +3,9 @@
     python -m bench._bridge dispatch --target FILE --workdir DIR
     python -m bench._bridge midevent --target FILE --workdir DIR --http-port P --expect N --ready FILE
 
-dispatch: an event whose interval starts 2 s after launch, over every station; measures the interval start
-to the last set_power_limit answered 2xx, the time the event loop spent inside the event log, and peak RSS.
+dispatch: an event received 8 s before its interval starts (utilities announce events minutes to a day
+ahead; 8 s leaves room for the engine's listing ahead of the boundary, PREFETCH_S), over every station;
+measures the interval start to the first set_power_limit sent and to the last one answered 2xx, the time the event loop spent inside the event log, and peak RSS.
 midevent: an event already in force; for each session.started webhook, its receipt to the new session's
 set_power_limit being sent (both stamped here, one clock), and the session's start in the simulator to that
 send (wall clock, same machine: this includes the simulator's webhook queue). Prints one JSON line.
@@ -29,6 +30,7 @@ from dr_bridge import http as bridge_http
 from dr_bridge.config import config_from_dict
 from dr_bridge.daemon import Bridge
 from dr_bridge.domain import Event, SignalInterval
+from dr_bridge.engine import PREFETCH_S
 
 STORE_CALLS = (  # the event-log methods dispatch and webhooks call per action
     "add_action", "update_action", "save_session_state", "add_webhook", "mark_webhook_processed",
@@ -134,7 +136,7 @@ async def dispatch(args: argparse.Namespace) -> dict:
         _synchronous(bridge, args.sqlite_synchronous)
     probe.attach(bridge)
     await bridge.start()
-    start = datetime.now(timezone.utc) + timedelta(seconds=2)
+    start = datetime.now(timezone.utc) + timedelta(seconds=PREFETCH_S + 3)
     await bridge.engine.handle_event(_event("bench-dispatch", start))
     deadline = start.timestamp() + args.max_seconds
     while len(probe.acked) < n and time.time() < deadline:
@@ -143,7 +145,8 @@ async def dispatch(args: argparse.Namespace) -> dict:
     recorded = sum(bridge.store.action_counts().values())
     await bridge.stop()
     seconds = max(probe.acked.values()) - start.timestamp() if probe.acked else float("nan")
-    return {"sessions": n, "acked": len(probe.acked), "seconds": round(seconds, 3),
+    first = min(probe.sent.values()) - start.timestamp() if probe.sent else float("nan")
+    return {"sessions": n, "acked": len(probe.acked), "seconds": round(seconds, 3), "first_sent_s": round(first, 3),
             "rps": round(len(probe.acked) / seconds, 1), "store_s": round(store_s, 3),
             "actions_recorded": recorded, "peak_rss_mb": rss}
 

@@ -6,7 +6,7 @@ import logging
 import signal
 from datetime import datetime, timedelta
 from functools import partial
-from typing import Callable
+from typing import Any, Callable
 
 from dr_bridge.config import Config
 from dr_bridge.edrv.client import EdrvClient
@@ -45,6 +45,7 @@ class Bridge:
         self.reporter = Reporter(cfg, self.store, self.ven, dry_run=dry_run)
         self.http = HttpServer(cfg, self, self.metrics) if http else None
         self._ven_task: asyncio.Task | None = None
+        self._latency: dict[tuple[str, str], Any] = {}
 
     def _telemetry(self, cfg: Config) -> Telemetry | None:
         if not cfg.vtn.telemetry_min_sampling_s:
@@ -55,7 +56,10 @@ class Bridge:
                          min_sampling=timedelta(seconds=cfg.vtn.telemetry_min_sampling_s))
 
     def _observe_call(self, op: str, latency_s: float, outcome: str) -> None:
-        self.metrics.edrv_latency.labels(op=op, outcome=outcome).observe(latency_s)
+        histogram = self._latency.get((op, outcome))
+        if histogram is None:  # labels() validates and locks on every call: look each pair up once
+            histogram = self._latency[(op, outcome)] = self.metrics.edrv_latency.labels(op=op, outcome=outcome)
+        histogram.observe(latency_s)
         if outcome == "ok":
             self.engine.last_edrv_ok = utcnow()
 

@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import random
+import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Callable
@@ -35,6 +36,10 @@ log = logging.getLogger("dr_bridge.engine")
 
 OPT_IN, OPT_OUT = "optIn", "optOut"
 RETRY_RECOMPUTE_S = 1.0
+# Running sessions are listed this long before an interval starts or ends, so the pass at the boundary
+# sends its limits at once instead of after a fleet-wide listing (ten pages at 10,000 sessions).
+PREFETCH_S = 5.0
+FOLLOW_UP_S = 5.0  # the longest the fresh listing after such a boundary waits for its limits to go out
 
 
 @dataclass
@@ -77,6 +82,11 @@ class Engine:
         self.last_edrv_ok: datetime | None = None
         self.webhooks_seen = False  # outcome timeouts only mean something once eDRV's webhooks reach us
         self._dirty = asyncio.Event()
+        self._full = False  # the next pass looks at every station and lists running sessions
+        self._only: set[str] = set()  # otherwise, the stations a webhook told us about
+        self._listed_at: float | None = None  # monotonic time of the last listing of running sessions
+        self._ahead: set[datetime] = set()  # boundaries whose sessions were listed just ahead of them
+        self._follow_up_task: asyncio.Task | None = None
         self._idle = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         self._lock = asyncio.Lock()
@@ -120,9 +130,10 @@ class Engine:
         """Stop; with restore=True lift every limit first. Returns the sessions left limited."""
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
-        if self._loop_task:
-            self._loop_task.cancel()
-            await asyncio.gather(self._loop_task, return_exceptions=True)
+        for task in (self._loop_task, self._follow_up_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if restore:
             await self.release_all(timeout=timeout)
         await self.dispatcher.stop()
@@ -148,7 +159,15 @@ class Engine:
         asyncio.get_running_loop().call_later(RETRY_RECOMPUTE_S, self.kick)
 
     def kick(self) -> None:
-        """Ask for a recompute; bursts coalesce into one pass."""
+        """Ask for a full recompute (every station, with a fresh listing); bursts coalesce into one pass."""
+        self._full = True
+        self._idle.clear()
+        self._dirty.set()
+
+    def kick_stations(self, station_ids: set[str]) -> None:
+        """Ask for a pass over these stations only, trusting what webhooks said ran there: a session starting
+        mid-event gets its limit without a fleet-wide listing and plan."""
+        self._only |= station_ids
         self._idle.clear()
         self._dirty.set()
 
@@ -161,8 +180,10 @@ class Engine:
         while True:
             await self._dirty.wait()
             self._dirty.clear()
+            only = None if self._full else self._only
+            self._full, self._only = False, set()
             try:
-                await self.recompute()
+                await self.recompute(only)
             except Exception:
                 # Typically the database or eDRV away for a moment.
                 log.exception("recompute failed; retrying in %g s", RETRY_RECOMPUTE_S)
@@ -262,13 +283,19 @@ class Engine:
         if not live.acting:
             return
         now = self.clock()
+        stations = sorted(live.station_ids)
         for i, t in enumerate(schedule.boundaries(live.event, live.offset_s, self.cfg.bridge.max_event_hours)):
             if t > now:
                 self.scheduler.add_job(self.kick, "date", run_date=t, id=f"{prefix}{i}",
                                        misfire_grace_time=None)
+            if t - timedelta(seconds=PREFETCH_S) > now:
+                self.scheduler.add_job(self._prefetch, "date", run_date=t - timedelta(seconds=PREFETCH_S),
+                                       args=[stations, t], id=f"{prefix}{i}-prefetch", misfire_grace_time=1)
 
     # --- the decision pass ---------------------------------------------------------------------------
-    async def recompute(self) -> None:
+    async def recompute(self, only: set[str] | None = None) -> None:
+        """One decision pass: every station (only=None), or just these stations and whatever shares a cap or
+        a shared-station wish with them."""
         now = self.clock()
         budgets: dict[str, list[tuple[Limit | None, tuple[str, bool]]]] = {}
         caps: list[tuple[Cap, tuple[str, bool]]] = []
@@ -296,13 +323,13 @@ class Engine:
 
         held = {self.dispatcher.station_of(s) for s in self.dispatcher.limited_sessions()}
         scope = sorted(set(budgets) | {s for s in held if s in self.stations})
+        if only is not None:
+            scope = self._narrow(scope, only, caps)
         if not scope:
             return
-        if not await self._refresh_sessions(scope):
-            self._retry_soon()  # limits are due and eDRV would not say which sessions run
-        # At once, not one after another: under a 429 storm each may take seconds, and the limits wait on them.
-        for sid, station in zip(scope, await asyncio.gather(*(self._resolve(self.stations[sid]) for sid in scope))):
-            self.stations[sid] = station
+        if only is None:
+            await self._list_running(scope)
+        await self._resolve_all(scope)
         stations = {sid: self.stations[sid] for sid in scope}
         sessions = {sid: self.running.get(sid, []) for sid in scope}
         plan = session_limits(budgets, caps, stations, sessions, self.settings, self._cap_weights(sessions))
@@ -310,6 +337,41 @@ class Engine:
         if shared:
             plan = self._share(plan, budgets, caps, stations, sessions, shared, now)
         await self._apply(plan, {x: stations[sid] for sid, ids in sessions.items() for x in ids}, now)
+
+    def _narrow(self, scope: list[str], only: set[str], caps: list[tuple[Cap, tuple[str, bool]]]) -> list[str]:
+        """The stations a pass over `only` must look at: a cap is shared by all its stations, and this
+        bridge's wishes for shared stations are published all together."""
+        wanted = set(only) & set(scope)
+        for cap, _ in caps:
+            if cap.station_ids & wanted:
+                wanted |= cap.station_ids
+        if any(self.stations[sid].shared for sid in wanted):
+            wanted |= {sid for sid in scope if self.stations[sid].shared}
+        return [sid for sid in scope if sid in wanted]
+
+    async def _list_running(self, scope: list[str]) -> None:
+        """Fresh running sessions for a full pass. The pass at a boundary listed for just ahead (PREFETCH_S)
+        uses that listing and sends at once. Once those calls are through (or after FOLLOW_UP_S), another
+        pass with a fresh listing follows, for a session whose webhook was lost meanwhile; a session that
+        ended meanwhile is answered 404 and forgotten."""
+        due = {b for b in self._ahead if b <= self.clock() + timedelta(seconds=0.5)}
+        self._ahead -= due
+        if due and self._listed_at is not None and time.monotonic() - self._listed_at < PREFETCH_S + 2:
+            self._follow_up_task = asyncio.create_task(self._follow_up(), name="engine-follow-up")
+            return
+        if not await self._refresh_sessions(scope):
+            self._retry_soon()  # limits are due and eDRV would not say which sessions run
+
+    async def _follow_up(self) -> None:
+        await self.dispatcher.drain(FOLLOW_UP_S)
+        self.kick()
+
+    async def _prefetch(self, station_ids: list[str], boundary: datetime) -> None:
+        """Ahead of a boundary: which sessions run, and what kind each station is, so the pass at the
+        boundary asks eDRV nothing before sending."""
+        await self._resolve_all(station_ids)
+        if await self._refresh_sessions(station_ids):
+            self._ahead.add(boundary)
 
     def _share(self, plan, budgets, caps, stations, sessions, shared: list[str], now: datetime):
         """Stations shared with other bridges: publish this bridge's own wish, then hold them no looser than
@@ -478,6 +540,7 @@ class Engine:
             log.warning("could not list running sessions (%s); using the last known list", exc)
             return False
         self.last_edrv_ok = utcnow()
+        self._listed_at = time.monotonic()
         running: dict[str, list[str]] = {sid: [] for sid in station_ids}
         for s in sessions:
             if s.chargestation_id in running:
@@ -494,6 +557,12 @@ class Engine:
                 log.info("session %s has ended; nothing to restore", session_id)
                 self.dispatcher.session_ended(session_id)
         return True
+
+    async def _resolve_all(self, station_ids: list[str]) -> None:
+        # At once, not one after another: under a 429 storm each may take seconds, and the limits wait on them.
+        unknown = [sid for sid in station_ids if self.stations[sid].simulator is None]
+        for sid, station in zip(unknown, await asyncio.gather(*(self._resolve(self.stations[sid]) for sid in unknown))):
+            self.stations[sid] = station
 
     async def _resolve(self, station: Station) -> Station:
         """Fill in the simulator flag from eDRV when the config leaves it to eDRV."""
@@ -559,7 +628,7 @@ class Engine:
             known.sort()
             if any(station_id in live.station_ids and live.status == ACTIVE for live in self.events.values()):
                 log.info("session %s started on %s during an event: sharing its budget", session.id, station_id)
-                self.kick()
+                self.kick_stations({station_id})
 
     def _note_need(self, session: Session) -> None:
         need = session.energy_need_kwh
@@ -575,7 +644,7 @@ class Engine:
                                               power_kw=0.0, current_a=0.0))
         if station_id in self.running and session.id in self.running[station_id]:
             self.running[station_id].remove(session.id)
-            self.kick()  # the remaining sessions get a bigger share
+            self.kick_stations({station_id})  # the remaining sessions get a bigger share
         if self.dispatcher.known(session.id):
             self.dispatcher.session_ended(session.id)
 

@@ -7,6 +7,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from dr_bridge.daemon import Bridge
+from dr_bridge.engine import PREFETCH_S
 from dr_bridge.rig import API_KEY, Rig, StationSpec, wait_for
 
 
@@ -242,3 +243,31 @@ async def test_release_all_never_resends_an_old_limit_on_a_station_it_no_longer_
     assert [c for c in rig.sim.limit_calls() if c[0] == "S-GONE"] == []
     assert [s.session_id for s in bridge.store.session_states(limited_only=True)] == ["S-GONE"]
 
+
+
+@pytest.mark.parametrize("rig", [one_station()], indirect=True)
+async def test_limits_at_an_interval_start_go_out_before_any_listing_and_a_late_session_follows(rig, bridge):
+    start = soon(PREFETCH_S + 3)
+    # Long enough that the listing ahead of its end comes after its start.
+    rig.vtn.add_event(bridge.ven.ven_id, intervals=[(start, timedelta(seconds=PREFETCH_S + 3), 2)])
+    first = rig.sessions["A"][0]
+    # Once the sessions were listed ahead of the interval, a session starts whose webhook never comes.
+    await wait_for(lambda: datetime.now(timezone.utc) > start - timedelta(seconds=PREFETCH_S - 1.5), 15)
+    late = rig.sim.start_session(rig.station_ids["A"], send_webhook=False)
+    await wait_for(lambda: any(sid == late for sid, _, _ in rig.sim.limit_calls()), 10)
+
+    def listing(r) -> bool:
+        return r.method == "GET" and r.path.endswith("/sessions")
+
+    t = start.timestamp()
+    assert any(listing(r) and t - PREFETCH_S - 1 < r.at < t - 1 for r in rig.sim.requests)  # the listing ahead
+    after = [r for r in rig.sim.requests if r.at >= t]
+    assert after and after[0].method == "POST" and after[0].path.endswith(f"{first}/set_power_limit"), [
+        (r.method, r.path) for r in after[:3]]  # the limit first, not a listing
+    assert any(listing(r) for r in after)  # then a fresh listing, which found the late session
+    await wait_for(lambda: [k for _, k, _ in rig.sim.limit_calls()].count("clear_power_limit") == 2, 20)
+    await bridge.engine.settle()
+    by_session = {sid: [(k, b.get("limit")) for s, k, b in rig.sim.limit_calls() if s == sid] for sid in (first, late)}
+    assert by_session == {first: [("set_power_limit", 16), ("set_power_limit", 8), ("clear_power_limit", None)],
+                          late: [("set_power_limit", 8), ("clear_power_limit", None)]}
+    assert bridge.store.session_states(limited_only=True) == []

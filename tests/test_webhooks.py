@@ -85,6 +85,23 @@ async def test_session_started_mid_interval_gets_its_share_within_a_second(rig, 
     await wait_for(lambda: [c for c in rig.sim.limit_calls() if c[0] == first][-1][2]["limit"] == 16, 5)
 
 
+@pytest.mark.parametrize("rig", [{"edrv": {"reconcile_interval_s": 600}}], indirect=True)
+async def test_a_session_started_mid_event_is_limited_without_listing_the_fleet(rig, bridge):
+    s = soon(2)
+    rig.vtn.add_event(bridge.ven.ven_id, intervals=[(s, timedelta(seconds=30), 2)],
+                      targets=[{"resource_id": "A"}, {"resource_id": "B"}])
+    await wait_for(lambda: calls(rig, "A") and calls(rig, "B"), 15)
+    await bridge.engine.settle()
+    t0 = time.time()
+    new = rig.sim.start_session(rig.station_ids["A"])
+    await wait_for(lambda: any(sid == new for sid, _, _ in rig.sim.limit_calls()), 5)
+    since = [(r.method, r.path) for r in rig.sim.requests if r.at >= t0]
+    post = since.index(("POST", f"/v1.1/sessions/{new}/set_power_limit"))
+    assert not [r for r in since[:post] if r[0] == "GET"], since[:post]  # the webhook said enough
+    await bridge.engine.settle()
+    assert calls(rig, "B") == [("set_power_limit", {"unit": "current", "limit": 16})]  # B untouched
+
+
 async def test_session_whose_webhook_was_dropped_is_limited_by_reconciliation(rig, bridge):
     s = soon(2)
     rig.vtn.add_event(bridge.ven.ven_id, intervals=[(s, timedelta(seconds=30), 2)], targets=[{"resource_id": "A"}])
