@@ -125,6 +125,7 @@ class EdrvSection(_Section):
     max_concurrency: int = Field(32, ge=1)
     request_timeout_s: float = Field(10.0, gt=0)
     limit_retries: int = Field(3, ge=0)
+    retry_backoff_s: float = Field(1.0, gt=0, le=60)  # first wait before re-sending a failed call; doubles
     action_timeout_s: float = Field(60.0, gt=0)
     reconcile_interval_s: float = Field(60.0, gt=0)
 

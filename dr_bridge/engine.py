@@ -13,6 +13,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from datetime import datetime, timedelta
 from typing import Callable
 
@@ -39,7 +40,8 @@ RETRY_RECOMPUTE_S = 1.0
 # Running sessions are listed this long before an interval starts or ends, so the pass at the boundary
 # sends its limits at once instead of after a fleet-wide listing (ten pages at 10,000 sessions).
 PREFETCH_S = 5.0
-FOLLOW_UP_S = 5.0  # the longest the fresh listing after such a boundary waits for its limits to go out
+FOLLOW_UP_S = 5.0
+RESOLVE_WAIT_S = 1.0  # the longest a pass waits for eDRV to say what kind a station is (see _resolve_all)  # the longest the fresh listing after such a boundary waits for its limits to go out
 
 
 @dataclass
@@ -77,6 +79,7 @@ class Engine:
         self.running: dict[str, list[str]] = {}  # station id -> running session ids, as last seen
         self.energy_needs: dict[str, float] = {}  # session id -> kWh still wanted, where eDRV reports a target
         self.dispatcher = Dispatcher(client, store, limit_retries=cfg.edrv.limit_retries,
+                                     backoff_s=cfg.edrv.retry_backoff_s,
                                      on_noncompliant=self._noncompliant)
         self.scheduler = AsyncIOScheduler(timezone="UTC")
         self.last_edrv_ok: datetime | None = None
@@ -87,6 +90,7 @@ class Engine:
         self._listed_at: float | None = None  # monotonic time of the last listing of running sessions
         self._ahead: set[datetime] = set()  # boundaries whose sessions were listed just ahead of them
         self._follow_up_task: asyncio.Task | None = None
+        self._resolving: dict[str, asyncio.Task] = {}  # station id -> its kind being read from eDRV
         self._idle = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         self._lock = asyncio.Lock()
@@ -130,7 +134,7 @@ class Engine:
         """Stop; with restore=True lift every limit first. Returns the sessions left limited."""
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
-        for task in (self._loop_task, self._follow_up_task):
+        for task in (self._loop_task, self._follow_up_task, *self._resolving.values()):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
@@ -237,6 +241,8 @@ class Engine:
         log.info("event %s %s (modification %d): %s, %s; %s", ev.event_id, verb, ev.modification_number,
                  opt, reason, self._describe(live))
         self._schedule(live)
+        if live.acting:
+            self._start_resolving(sorted(live.station_ids))  # long before the boundary needs them, if we can
         self.kick()
         return opt, reason
 
@@ -329,7 +335,7 @@ class Engine:
             return
         if only is None:
             await self._list_running(scope)
-        await self._resolve_all(scope)
+        await self._resolve_all(scope, wait_s=RESOLVE_WAIT_S)
         stations = {sid: self.stations[sid] for sid in scope}
         sessions = {sid: self.running.get(sid, []) for sid in scope}
         plan = session_limits(budgets, caps, stations, sessions, self.settings, self._cap_weights(sessions))
@@ -558,11 +564,26 @@ class Engine:
                 self.dispatcher.session_ended(session_id)
         return True
 
-    async def _resolve_all(self, station_ids: list[str]) -> None:
-        # At once, not one after another: under a 429 storm each may take seconds, and the limits wait on them.
-        unknown = [sid for sid in station_ids if self.stations[sid].simulator is None]
-        for sid, station in zip(unknown, await asyncio.gather(*(self._resolve(self.stations[sid]) for sid in unknown))):
-            self.stations[sid] = station
+    async def _resolve_all(self, station_ids: list[str], wait_s: float | None = None) -> None:
+        """Read from eDRV the kind of each station whose config leaves it open, all at once (under a 429
+        storm each read may take seconds). Waits at most wait_s: a limit does not need the kind (it goes in
+        current, which every station accepts), only the restore does, so a pass does not hold its limits
+        back for long; the reads go on, and a later pass uses what they found."""
+        pending = self._start_resolving(station_ids)
+        if pending:
+            await asyncio.wait(pending, timeout=wait_s)
+
+    def _start_resolving(self, station_ids: list[str]) -> list[asyncio.Task]:
+        for sid in station_ids:
+            if self.stations[sid].simulator is None and sid not in self._resolving:
+                task = self._resolving[sid] = asyncio.create_task(self._resolve(self.stations[sid]))
+                task.add_done_callback(partial(self._resolved, sid))
+        return [self._resolving[sid] for sid in station_ids if sid in self._resolving]
+
+    def _resolved(self, station_id: str, task: asyncio.Task) -> None:
+        self._resolving.pop(station_id, None)
+        if not task.cancelled() and task.exception() is None:
+            self.stations[station_id] = task.result()
 
     async def _resolve(self, station: Station) -> Station:
         """Fill in the simulator flag from eDRV when the config leaves it to eDRV."""

@@ -41,6 +41,9 @@ class Tally:
 
 
 TALLY = Tally()
+# Events here last seconds, not hours: retries are compressed with them (the first re-send after 0.25 s,
+# not 1 s), so three failed calls in a row do not outlast the event.
+COMPRESSED = {"limit_retries": 5, "retry_backoff_s": 0.25}
 
 
 def soon(seconds: float) -> datetime:
@@ -75,7 +78,8 @@ def check_applied_and_restored(rig: Rig, fault: str, must_limit: bool = True) ->
             got = ok_calls.get(sid, [])
             wanted = ("set_power_limit", {"unit": "current", "limit": limit})
             if must_limit:
-                assert wanted in got, f"{fault}: session {sid} on {spec.resource_id} never got {limit} A: {got}"
+                assert wanted in got, f"{fault}: session {sid} on {spec.resource_id} never got {limit} A: {got}; " \
+                    f"its calls: {history(rig, sid)}"
             limits = [c for c in got if c[0] == "set_power_limit" and c[1].get("limit") != spec.max_current]
             assert all(c == wanted for c in limits), f"{fault}: session {sid} got another limit: {got}"
             last = got[-1]
@@ -86,6 +90,12 @@ def check_applied_and_restored(rig: Rig, fault: str, must_limit: bool = True) ->
             checked += 1
     TALLY.add(fault, checked)
     return checked
+
+
+def history(rig: Rig, session_id: str) -> list[tuple]:
+    """(call, status, unix time) of every request about the session, for an assertion's message."""
+    return [(r.path.rsplit("/", 1)[-1], r.status, round(r.at, 2)) for r in rig.sim.requests
+            if f"/sessions/{session_id}/" in r.path]
 
 
 def still_limited(rig: Rig) -> list[str]:
@@ -101,9 +111,8 @@ async def everyone_restored(rig: Rig, timeout: float) -> None:
         await wait_for(lambda: not still_limited(rig), timeout)
     except TimeoutError:
         left = still_limited(rig)
-        history = {sid: [(r.path.rsplit("/", 1)[-1], r.json, r.status) for r in rig.sim.requests
-                         if f"/sessions/{sid}/" in r.path] for sid in left[:3]}
-        raise AssertionError(f"{len(left)} session(s) still limited after {timeout} s: {history}") from None
+        calls = {sid: history(rig, sid) for sid in left[:3]}
+        raise AssertionError(f"{len(left)} session(s) still limited after {timeout} s: {calls}") from None
 
 
 async def run_event(rig: Rig, bridge: Bridge, length_s: float = 6) -> datetime:
@@ -116,7 +125,7 @@ async def run_event(rig: Rig, bridge: Bridge, length_s: float = 6) -> datetime:
 async def rig(tmp_path, request):
     spec = getattr(request, "param", None) or {}
     r = Rig(tmp_path, spec.get("stations") or stations(20),
-            bridge_options=spec.get("bridge", {}), edrv_options={"limit_retries": 5, **spec.get("edrv", {})})
+            bridge_options=spec.get("bridge", {}), edrv_options={**COMPRESSED, **spec.get("edrv", {})})
     await r.start()
     yield r
     await r.stop()
@@ -185,7 +194,7 @@ RESTART_S = timedelta(seconds=4)  # generous: start, migrate, register, list 200
 @pytest.mark.parametrize("run", range(KILL_RUNS))
 async def test_sigkill_at_a_random_point_then_restart(tmp_path, spawn, run):
     rnd = random.Random(run)
-    r = Rig(tmp_path, stations(100, per_station=2), edrv_options={"limit_retries": 5})
+    r = Rig(tmp_path, stations(100, per_station=2), edrv_options=COMPRESSED)
     await r.start()
     try:
         config = r.write_config(tmp_path / "dr-bridge.toml")
@@ -227,7 +236,7 @@ def _cut_connections(admin_url: str, name: str, allow: bool) -> None:
 
 @pytest.fixture
 async def pg_rig(tmp_path, pg_url):
-    r = Rig(tmp_path, stations(20), bridge_options={"database_url": pg_url}, edrv_options={"limit_retries": 5})
+    r = Rig(tmp_path, stations(20), bridge_options={"database_url": pg_url}, edrv_options=COMPRESSED)
     await r.start()
     yield r
     await r.stop()
