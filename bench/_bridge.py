@@ -32,10 +32,9 @@ from dr_bridge.daemon import Bridge
 from dr_bridge.domain import Event, SignalInterval
 from dr_bridge.engine import PREFETCH_S
 
-STORE_CALLS = (  # the event-log methods dispatch and webhooks call per action
+STORE_CALLS = (  # the event-log methods dispatch and webhooks call per action on the event loop
     "add_action", "update_action", "save_session_state", "add_webhook", "mark_webhook_processed",
-    "action_by_edrv_id", "add_reading",
-    "write_batch")  # the dispatcher's group commits (journal.py), which run in a worker thread
+    "action_by_edrv_id", "add_reading")
 
 
 class Probe:
@@ -58,6 +57,8 @@ class Probe:
         bridge.client.set_power_limit = set_power_limit
         for name in STORE_CALLS:
             setattr(bridge.store, name, self._timed(getattr(bridge.store, name)))
+        # and the group commits of dispatch and webhooks (journal.py), which run in a worker thread
+        bridge.engine.journal.write_batch = self._timed(bridge.engine.journal.write_batch)
 
     def _timed(self, method):
         def timed(*args, **kwargs):

@@ -56,10 +56,11 @@ NonCompliant = Callable[[str, Station, str | None, str], Awaitable[None]]
 
 class Dispatcher:
     def __init__(self, client, store: Store, *, limit_retries: int = 3, backoff_s: float = 1.0,
-                 backoff_max_s: float = 60.0, on_noncompliant: NonCompliant | None = None):
+                 backoff_max_s: float = 60.0, on_noncompliant: NonCompliant | None = None,
+                 journal: Journal | None = None):
         self.client = client
         self.store = store
-        self.journal = Journal(store)
+        self.journal = journal or Journal(store)
         self.limit_retries = limit_retries
         self.backoff_s = backoff_s
         self.backoff_max_s = backoff_max_s
@@ -189,7 +190,8 @@ class Dispatcher:
         if slot is not None:
             slot.ended = True
             slot.changed.set()
-        self.store.save_session_state(session_id, ended=True, limited=False)
+        # Not awaited: should it be lost, a restart tries to restore the session and eDRV says it ended.
+        self.journal.submit(("state", session_id, {"ended": True, "limited": False}))
 
     def pending(self) -> int:
         return sum(1 for s in self._slots.values() if s.worker is not None and not s.worker.done())

@@ -26,11 +26,12 @@ from dr_bridge.edrv.errors import EdrvError
 from dr_bridge.edrv.models import Session
 from dr_bridge.edrv.webhooks import Envelope, action_status
 from dr_bridge.eventlog import event_from_json, event_to_json, iso
+from dr_bridge.journal import Journal
 from dr_bridge.policy import (PERCENT_OFFSET, UnsupportedSignal, cap_watts, is_cap_signal, is_supported,
                               session_limits, station_limit, to_watts, unusable)
 from dr_bridge.performance import HOLD, mean_power
 from dr_bridge.reporting import overlapping, samples
-from dr_bridge.store import EventRow, IntervalRow, OptOutRow, ReadingRow, Store, utcnow
+from dr_bridge.store import EventRow, IntervalRow, OptOutRow, Store, utcnow
 from dr_bridge.targets import select_stations
 
 log = logging.getLogger("dr_bridge.engine")
@@ -78,9 +79,10 @@ class Engine:
         self.events: dict[str, LiveEvent] = {}
         self.running: dict[str, list[str]] = {}  # station id -> running session ids, as last seen
         self.energy_needs: dict[str, float] = {}  # session id -> kWh still wanted, where eDRV reports a target
+        self.journal = Journal(store)  # the group commit shared by dispatch and webhooks
         self.dispatcher = Dispatcher(client, store, limit_retries=cfg.edrv.limit_retries,
-                                     backoff_s=cfg.edrv.retry_backoff_s,
-                                     on_noncompliant=self._noncompliant)
+                                     backoff_s=cfg.edrv.retry_backoff_s, on_noncompliant=self._noncompliant,
+                                     journal=self.journal)
         self.scheduler = AsyncIOScheduler(timezone="UTC")
         self.last_edrv_ok: datetime | None = None
         self.webhooks_seen = False  # outcome timeouts only mean something once eDRV's webhooks reach us
@@ -91,6 +93,7 @@ class Engine:
         self._ahead: set[datetime] = set()  # boundaries whose sessions were listed just ahead of them
         self._follow_up_task: asyncio.Task | None = None
         self._resolving: dict[str, asyncio.Task] = {}  # station id -> its kind being read from eDRV
+        self._finalising: set[int] = set()  # actions whose final outcome is on its way to the database
         self._idle = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         self._lock = asyncio.Lock()
@@ -621,10 +624,14 @@ class Engine:
             if tries < 20:
                 asyncio.get_running_loop().call_later(0.25, self._action_outcome, env, tries + 1)
             return
-        if row.status in ("accepted", "rejected", "skipped"):
+        if row.status in ("accepted", "rejected", "skipped") or row.id in self._finalising:
             return  # a late or duplicate outcome never overwrites a final one
         detail = json.dumps(env.data.get("response_data") or {})[:300] if status == "rejected" else row.detail
-        self.store.update_action(row.id, status=status, detail=detail)
+        # Group-committed, not on the event loop: every limit at an interval start brings one of these. Until
+        # the commit lands, the database does not show the final status yet, so remember it meanwhile.
+        self._finalising.add(row.id)
+        done = self.journal.submit(("update_action", row.id, {"status": status, "detail": detail}))
+        done.add_done_callback(lambda _: self._finalising.discard(row.id))
         if status == "rejected":
             log.warning("charger refused %s for session %s (%s)", row.kind, row.session_id, env.type)
             key = (row.unit, row.limit) if row.purpose == "limit" else None
@@ -635,9 +642,9 @@ class Engine:
         if station_id not in self.stations or not session.id:
             return
         if session.power_kw is not None or session.current_a is not None:
-            self.store.add_reading(ReadingRow(at=session.energy_report_at or env.created_at or utcnow(),
-                                              session_id=session.id, chargestation_id=station_id,
-                                              power_kw=session.power_kw, current_a=session.current_a))
+            self.journal.submit(("reading", dict(at=session.energy_report_at or env.created_at or utcnow(),
+                                                 session_id=session.id, chargestation_id=station_id,
+                                                 power_kw=session.power_kw, current_a=session.current_a), {}))
         if not session.running:
             if session.status and session.status.lower() in ("ended", "cancelled"):
                 self._session_gone(session, session.energy_report_at or env.created_at or utcnow())
@@ -661,8 +668,8 @@ class Engine:
         station_id = session.chargestation_id
         if at is not None and station_id in self.stations and session.id:
             # A 0 kW reading marks the end, so measured power does not hold the last report for a while.
-            self.store.add_reading(ReadingRow(at=at, session_id=session.id, chargestation_id=station_id,
-                                              power_kw=0.0, current_a=0.0))
+            self.journal.submit(("reading", dict(at=at, session_id=session.id, chargestation_id=station_id,
+                                                 power_kw=0.0, current_a=0.0), {}))
         if station_id in self.running and session.id in self.running[station_id]:
             self.running[station_id].remove(session.id)
             self.kick_stations({station_id})  # the remaining sessions get a bigger share

@@ -18,7 +18,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from dr_bridge import pages
 from dr_bridge.edrv.webhooks import BadWebhook, parse, verify
 from dr_bridge.eventlog import iso
-from dr_bridge.store import WebhookRow, utcnow
+from dr_bridge.store import utcnow
 
 if TYPE_CHECKING:
     from dr_bridge.daemon import Bridge
@@ -106,8 +106,10 @@ class HttpServer:
         except BadWebhook as exc:
             log.warning("webhook from %s refused (%d): %s", peer, exc.status, exc.reason)
             return web.Response(status=exc.status)
-        fresh = self.bridge.store.add_webhook(WebhookRow(id=env.id, type=env.type, created_at=env.created_at,
-                                                         body=body.decode("utf-8", "replace")))
+        # Stored (committed) before eDRV hears 200, so a crash loses nothing; group-committed with everything
+        # else in flight, as energy reports alone come every 30-60 s per session.
+        (fresh,) = await self.bridge.engine.journal.write(("webhook", dict(
+            id=env.id, type=env.type, created_at=env.created_at, body=body.decode("utf-8", "replace")), {}))
         self.last_webhook = utcnow()
         if env.created_at is not None:
             self.metrics.webhook_lag.observe(max(0.0, (self.last_webhook - env.created_at).total_seconds()))
@@ -126,7 +128,7 @@ class HttpServer:
                 await self.bridge.engine.on_webhook(env)
             except Exception:
                 log.exception("processing webhook %s (%s) failed", env.id, env.type)
-            self.bridge.store.mark_webhook_processed(webhook_id)
+            self.bridge.engine.journal.submit(("webhook_processed", webhook_id, {}))
 
         task = asyncio.create_task(run())
         self._tasks.add(task)

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
@@ -262,7 +261,6 @@ class Store:
     def __init__(self, engine: sa.Engine, bridge: str = ""):
         self.engine = engine
         self.bridge = bridge
-        self._statements: dict[tuple[str, tuple[str, ...]], Any] = {}
 
     @classmethod
     def open(cls, url: str, migrate: bool = True, bridge: str = "") -> "Store":
@@ -504,66 +502,6 @@ class Store:
             setattr(row, k, v)
         row.updated_at = utcnow()
         s.add(row)
-
-    def write_batch(self, writes: list[tuple[str, Any, dict[str, Any]]]) -> list[Any]:
-        """Several of the dispatcher's writes in one transaction (see journal.py), in order:
-        ("state", session_id, fields), ("add_action", column values, {}), ("update_action", action_id, changes).
-        Returns each write's result: the new action's id for add_action, None otherwise.
-
-        Plain SQL statements rather than the ORM, and one executemany per kind of write: at an interval
-        start this runs three times per session, and the ORM's per-row SELECTs and change tracking (holding
-        the event loop's GIL) cost many times the writes themselves."""
-        now = utcnow()
-        runs: dict[Any, list[tuple[int, dict[str, Any]]]] = {}
-        # Grouping reorders writes of different kinds or columns: safe while no row is written twice in one
-        # batch. The dispatcher awaits each write before its next, so it never is; if it were, the batch's
-        # writes go one statement each, in their order.
-        keys = [(kind, key) for kind, key, _ in writes if kind != "add_action"]
-        one_by_one = len(keys) != len(set(keys))
-        for i, (kind, key, fields) in enumerate(writes):
-            if kind == "state":
-                params = {"chargestation_id": "", "resource_id": "", **fields, "bridge": self.bridge,
-                          "session_id": key, "updated_at": now}
-            elif kind == "add_action":
-                params = {"at": now, **key, "updated_at": now, "bridge": self.bridge}  # the rest: column defaults
-            elif kind == "update_action":
-                params = {**{f"v_{k}": v for k, v in fields.items()}, "v_updated_at": now, "w_id": key,
-                          "w_bridge": self.bridge}
-            else:
-                raise ValueError(f"unknown write {kind!r}")
-            statement = (kind, tuple(key) if kind == "add_action" else tuple(fields))
-            runs.setdefault((statement, i) if one_by_one else statement, []).append((i, params))
-        out: list[Any] = [None] * len(writes)
-        with self.engine.begin() as conn:
-            for run, items in runs.items():
-                (kind, columns) = run[0] if one_by_one else run
-                result = conn.execute(self._statement(kind, columns), [params for _, params in items])
-                if kind == "add_action":
-                    for (i, _), new_id in zip(items, result.scalars(), strict=True):
-                        out[i] = new_id
-        return out
-
-    def _statement(self, kind: str, columns: tuple[str, ...]) -> Any:
-        """The write_batch statement for this kind and set of columns, built once per store."""
-        cached = self._statements.get((kind, columns))
-        if cached is not None:
-            return cached
-        if kind == "state":
-            t = SessionState.__table__
-            insert = (postgresql if self.engine.dialect.name == "postgresql" else sqlite).insert(t)
-            # Only the columns given are changed on an existing row, as with the ORM's setattr before.
-            statement = insert.on_conflict_do_update(
-                index_elements=[t.c.bridge, t.c.session_id],
-                set_={c: insert.excluded[c] for c in (*columns, "updated_at")})
-        elif kind == "add_action":
-            t = ActionRow.__table__
-            statement = sa.insert(t).returning(t.c.id, sort_by_parameter_order=True)  # ids in the writes' order
-        else:
-            t = ActionRow.__table__
-            statement = (sa.update(t).where(t.c.id == sa.bindparam("w_id"), t.c.bridge == sa.bindparam("w_bridge"))
-                         .values({c: sa.bindparam(f"v_{c}") for c in (*columns, "updated_at")}))
-        self._statements[(kind, columns)] = statement
-        return statement
 
     # --- opt-outs -----------------------------------------------------------------------------------
     def add_opt_out(self, row: OptOutRow) -> OptOutRow:

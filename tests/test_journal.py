@@ -3,6 +3,7 @@ order is kept, and one bad write fails only its own writer."""
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime, timezone
 
 from dr_bridge.journal import Journal
 from dr_bridge.store import Store
@@ -16,9 +17,9 @@ def action(session_id: str) -> dict:
 async def test_concurrent_writes_share_commits_and_are_durable_when_awaited(db_url):
     store = Store.open(db_url, bridge="b")
     batches: list[int] = []
-    write_batch = store.write_batch
-    store.write_batch = lambda writes: batches.append(len(writes)) or write_batch(writes)
     journal = Journal(store)
+    write_batch = journal.write_batch
+    journal.write_batch = lambda writes: batches.append(len(writes)) or write_batch(writes)
 
     async def one(i: int) -> None:
         sid = f"S{i:03d}"
@@ -64,11 +65,33 @@ async def test_a_partial_state_write_changes_only_its_fields(db_url):
 
 def test_a_batch_writing_one_row_twice_keeps_the_order(db_url):
     store = Store.open(db_url, bridge="b")
-    ids = store.write_batch([("state", "S1", {"chargestation_id": "C1", "resource_id": "r", "limited": True}),
+    ids = Journal(store).write_batch([("state", "S1", {"chargestation_id": "C1", "resource_id": "r", "limited": True}),
                              ("add_action", action("S1"), {}), ("add_action", action("S2"), {}),
                              ("state", "S2", {"chargestation_id": "C1", "resource_id": "r", "limited": True}),
                              ("state", "S1", {"limited": False})])
     assert ids[0] is None and ids[1] < ids[2] and ids[3:] == [None, None]
     assert not store.get_session_state("S1").limited and store.get_session_state("S2").limited
     assert [a.session_id for a in store.actions()] == ["S1", "S2"]
+    store.close()
+
+
+async def test_webhooks_are_stored_once_however_often_delivered_and_readings_follow(db_url):
+    store = Store.open(db_url, bridge="b")
+    journal = Journal(store)
+
+    def hook(wid: str) -> tuple:
+        return ("webhook", dict(id=wid, type="session.updated", created_at=None, body=f'{{"_id": "{wid}"}}'), {})
+
+    reading = ("reading", dict(at=datetime(2026, 12, 1, tzinfo=timezone.utc), session_id="S1",
+                               chargestation_id="C1", power_kw=7.4, current_a=None), {})
+    first = await asyncio.gather(journal.write(hook("W1")), journal.write(hook("W2"), reading),
+                                 journal.write(hook("W1")))  # a second delivery in the same batch
+    again = await journal.write(hook("W2"))  # and one in a later batch
+    assert [r[0] for r in first] == [True, True, False] and again == [False]
+    assert Store.open(db_url, bridge="other").unprocessed_webhooks() == []  # each bridge its own copy
+    assert sorted(w.id for w in store.unprocessed_webhooks()) == ["W1", "W2"]
+    journal.submit(("webhook_processed", "W1", {}))
+    await journal.flush()
+    assert [w.id for w in store.unprocessed_webhooks()] == ["W2"]
+    assert [(r.session_id, r.power_kw) for r in store.readings()] == [("S1", 7.4)]
     store.close()
