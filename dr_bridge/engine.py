@@ -13,8 +13,8 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field, replace
-from functools import partial
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Callable
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -41,8 +41,8 @@ RETRY_RECOMPUTE_S = 1.0
 # Running sessions are listed this long before an interval starts or ends, so the pass at the boundary
 # sends its limits at once instead of after a fleet-wide listing (ten pages at 10,000 sessions).
 PREFETCH_S = 5.0
-FOLLOW_UP_S = 5.0
-RESOLVE_WAIT_S = 1.0  # the longest a pass waits for eDRV to say what kind a station is (see _resolve_all)  # the longest the fresh listing after such a boundary waits for its limits to go out
+FOLLOW_UP_S = 5.0  # the longest the fresh listing after such a boundary waits for its limits to go out
+RESOLVE_WAIT_S = 1.0  # the longest a pass waits for eDRV to say what kind a station is (see _resolve_all)
 
 
 @dataclass

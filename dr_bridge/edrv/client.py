@@ -195,9 +195,9 @@ class EdrvClient:
         started = time.monotonic()
         error: EdrvError | None = None
         try:
-            async with self._sem:
-                request = httpx.Request(method, f"{self.base_url}/{path}", params=params, json=json,
-                                        headers=self._headers, extensions=self._timeout)
+            request = httpx.Request(method, f"{self.base_url}/{path}", params=params, json=json,
+                                    headers=self._headers, extensions=self._timeout)
+            async with self._sem:  # held for the exchange only
                 try:
                     response = await self._transport.handle_async_request(request)
                 except (httpx.TransportError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
