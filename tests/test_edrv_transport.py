@@ -48,3 +48,48 @@ async def test_connection_dropped_before_the_answer_is_a_transport_error():
     finally:
         server.close()
         await server.wait_closed()
+
+
+@pytest.fixture
+async def tls_server(tmp_path):
+    """An HTTPS server on loopback with a throw-away certificate that no system CA vouches for."""
+    import ssl
+
+    from aiohttp import web
+
+    from tests.test_tls import Pki
+
+    pki = Pki(tmp_path, "edrv")
+    cert, key = pki.issue("localhost", server=True)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+
+    async def session(request: web.Request) -> web.Response:
+        return web.json_response({"ok": True, "result": {"_id": request.match_info["id"], "status": "Started"}})
+
+    app = web.Application()
+    app.router.add_get("/v1.1/sessions/{id}", session)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    yield f"https://127.0.0.1:{port}/v1.1", pki.ca_file
+    await runner.cleanup()
+
+
+async def test_tls_is_verified_and_an_untrusted_certificate_refused(tls_server):
+    import httpx
+
+    from dr_bridge.edrv.transport import AiohttpTransport
+
+    base_url, ca_file = tls_server
+    async with EdrvClient(base_url, KEY, max_retries=0) as edrv:
+        with pytest.raises(EdrvTransportError, match="(?i)certificate"):
+            await edrv.get_session("abc")
+    transport = AiohttpTransport(max_connections=1, verify=ca_file)  # trusting the issuing CA, it connects
+    try:
+        answer = await transport.handle_async_request(httpx.Request("GET", f"{base_url}/sessions/abc"))
+        assert answer.status_code == 200 and answer.json()["result"]["_id"] == "abc"
+    finally:
+        await transport.aclose()
