@@ -1,6 +1,7 @@
 """Bare client loops: the same set_power_limit requests the bridge sends, with nothing around them.
 
-    python -m bench._baseline aiohttp|httpx|httpx-aiohttp|httpx-aiohttptransport|httpx-own-transport|edrv-client|sequential \
+    python -m bench._baseline \
+        aiohttp|httpx|httpx-aiohttp|httpx-aiohttptransport|httpx-own-transport|edrv-client|sequential \
         --target FILE [--concurrency 32] [--max-requests N] [--max-seconds S]
 
 `httpx` is plain httpx (its own pool); `httpx-aiohttp` and `httpx-aiohttptransport` are httpx.AsyncClient on

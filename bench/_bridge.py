@@ -5,7 +5,8 @@
 
 dispatch: an event received 8 s before its interval starts (utilities announce events minutes to a day
 ahead; 8 s leaves room for the engine's listing ahead of the boundary, PREFETCH_S), over every station;
-measures the interval start to the first set_power_limit sent and to the last one answered 2xx, the time the event loop spent inside the event log, and peak RSS.
+measures the interval start to the first set_power_limit sent and to the last one answered 2xx, the time
+spent inside the event log (on the event loop, and the group commits in the journal's thread), and peak RSS.
 midevent: an event already in force; for each session.started webhook, its receipt to the new session's
 set_power_limit being sent (both stamped here, one clock), and the session's start in the simulator to that
 send (wall clock, same machine: this includes the simulator's webhook queue). Prints one JSON line.

@@ -98,6 +98,7 @@ class Bridge:
             await asyncio.gather(self._ven_task, return_exceptions=True)
         if self.http is not None:
             await self.http.stop()
+        await self.engine.journal.flush()  # what webhooks handled meanwhile queued (a "processed" mark, say)
         await self.client.aclose()
         self.store.close()
         return left

@@ -338,7 +338,7 @@ class Dispatcher:
                 if await self._session_gone(session_id):
                     return "ended"
                 return "rejected"
-            except EdrvError as exc:  # server or transport: retry with backoff, then give up on this action_id
+            except EdrvError as exc:  # server or transport: retry with backoff, then give up on this action
                 if attempts >= 5:
                     await self._update(action_id, status="failed", attempts=attempts, detail=str(exc)[:500])
                     return "failed"

@@ -244,7 +244,6 @@ async def test_release_all_never_resends_an_old_limit_on_a_station_it_no_longer_
     assert [s.session_id for s in bridge.store.session_states(limited_only=True)] == ["S-GONE"]
 
 
-
 @pytest.mark.parametrize("rig", [one_station()], indirect=True)
 async def test_limits_at_an_interval_start_go_out_before_any_listing_and_a_late_session_follows(rig, bridge):
     start = soon(PREFETCH_S + 3)

@@ -1,14 +1,20 @@
-"""The aiohttp-backed transport still surfaces every failure as the client's typed errors (real loopback)."""
+"""The aiohttp-backed transport verifies TLS, and surfaces every failure as the client's typed errors
+(real loopback)."""
 from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 
+import httpx
 import pytest
+from aiohttp import web
 
 from dr_bridge.edrv.client import EdrvClient
 from dr_bridge.edrv.errors import EdrvTransportError
 from dr_bridge.edrv.simulator import EdrvSimulator
+from dr_bridge.edrv.transport import AiohttpTransport
+from tests.test_tls import Pki
 
 KEY = "sim-key-transport"
 
@@ -53,12 +59,6 @@ async def test_connection_dropped_before_the_answer_is_a_transport_error():
 @pytest.fixture
 async def tls_server(tmp_path):
     """An HTTPS server on loopback with a throw-away certificate that no system CA vouches for."""
-    import ssl
-
-    from aiohttp import web
-
-    from tests.test_tls import Pki
-
     pki = Pki(tmp_path, "edrv")
     cert, key = pki.issue("localhost", server=True)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -79,10 +79,6 @@ async def tls_server(tmp_path):
 
 
 async def test_tls_is_verified_and_an_untrusted_certificate_refused(tls_server):
-    import httpx
-
-    from dr_bridge.edrv.transport import AiohttpTransport
-
     base_url, ca_file = tls_server
     async with EdrvClient(base_url, KEY, max_retries=0) as edrv:
         with pytest.raises(EdrvTransportError, match="(?i)certificate"):

@@ -23,8 +23,8 @@ async def test_concurrent_writes_share_commits_and_are_durable_when_awaited(db_u
 
     async def one(i: int) -> None:
         sid = f"S{i:03d}"
-        (_, action_id) = await journal.write(("state", sid, {"chargestation_id": "C1", "resource_id": "r", "limited": True}),
-                                       ("add_action", action(sid), {}))
+        state = {"chargestation_id": "C1", "resource_id": "r", "limited": True}
+        (_, action_id) = await journal.write(("state", sid, state), ("add_action", action(sid), {}))
         assert action_id is not None and store.get_session_state(sid).limited  # committed before we go on
         await journal.write(("update_action", action_id, {"status": "requested", "attempts": 1}))
 
@@ -33,7 +33,8 @@ async def test_concurrent_writes_share_commits_and_are_durable_when_awaited(db_u
     assert sum(batches) == 64 * 3 and len(batches) < 64 * 2  # shared transactions, not one per write
     actions = store.actions()
     assert {a.status for a in actions} == {"requested"} and len(actions) == 64
-    assert {(a.bridge, a.kind, a.unit, a.limit, a.attempts) for a in actions} == {("b", "set_power_limit", "current", 16, 1)}
+    assert {(a.bridge, a.kind, a.unit, a.limit, a.attempts) for a in actions} == {
+        ("b", "set_power_limit", "current", 16, 1)}
     assert all(a.updated_at >= a.at for a in actions)
     assert len(store.session_states(limited_only=True)) == 64
     store.close()
