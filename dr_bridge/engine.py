@@ -43,6 +43,7 @@ RETRY_RECOMPUTE_S = 1.0
 PREFETCH_S = 5.0
 FOLLOW_UP_S = 5.0  # the longest the fresh listing after such a boundary waits for its limits to go out
 RESOLVE_WAIT_S = 1.0  # the longest a pass waits for eDRV to say what kind a station is (see _resolve_all)
+SHARE_RECHECK_S = 1.0  # after this bridge's wish for a shared station changed, it looks at the others' again
 
 
 @dataclass
@@ -94,6 +95,7 @@ class Engine:
         self._follow_up_task: asyncio.Task | None = None
         self._resolving: dict[str, asyncio.Task] = {}  # station id -> its kind being read from eDRV
         self._finalising: set[int] = set()  # actions whose final outcome is on its way to the database
+        self._wished: dict = {}  # what this bridge last published of the stations it shares
         self._idle = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         self._lock = asyncio.Lock()
@@ -391,7 +393,13 @@ class Engine:
                 return None  # a dry run touches nothing, and a wish taken over from another lapses with it
             return schedule.effective_end(live.event, live.offset_s, self.cfg.bridge.max_event_hours)
 
-        self.store.set_shared_limits(sharing.wishes(plan, stations, sessions, shared, until))
+        wishes = sharing.wishes(plan, stations, sessions, shared, until)
+        self.store.set_shared_limits(wishes)
+        if wishes != self._wished:
+            # Another bridge may be planning these stations this very moment, before this wish was in the
+            # database: its looser limit could land after ours. Both look again shortly and agree then.
+            self._wished = wishes
+            asyncio.get_running_loop().call_later(SHARE_RECHECK_S, self.kick_stations, set(shared))
         held = self.dispatcher.limited_sessions()
         mine = sharing.interested(plan, {sid: sessions[sid] for sid in shared}, held)
         others = [w for w in self.store.others_shared_limits(shared, now) if w.chargestation_id in mine]

@@ -12,6 +12,8 @@ import pytest
 
 from dr_bridge.config import config_from_dict
 from dr_bridge.daemon import Bridge, StationConflict
+from dr_bridge.domain import Limit
+from dr_bridge.policy import to_watts
 from dr_bridge.rig import API_KEY, Rig, StationSpec, wait_for
 from dr_bridge.store import EventRow, Store, WebhookRow
 
@@ -164,3 +166,26 @@ async def test_a_shared_station_holds_the_strictest_wish_and_is_restored_when_bo
     finally:
         await a.stop()
         await b.stop()
+
+
+async def test_a_wish_published_while_the_other_bridge_was_planning_is_honoured_within_seconds(rig):
+    # Both bridges plan at the same boundary; B's pass ran before A's wish was in the database, and B's
+    # looser limit reached eDRV last. B must look again on its own, not wait for its next reconcile (60 s).
+    b = Bridge(config_from_dict(bridge_config(rig, "utility-b", ["SHARED", "ONLY-B"], shared=True), source="b"),
+               API_KEY, vtn_backoff_s=0.2, http=False)
+    a = Store.open(b.store.engine.url.render_as_string(hide_password=False), migrate=False, bridge="utility-a")
+    await b.start()
+    try:
+        await wait_for(lambda: b.ven.registered, 20)
+        session = rig.sessions["SHARED"][0]
+        start = soon(3)
+        rig.vtn.add_event(b.ven.ven_id, intervals=[(start, timedelta(seconds=30), 1)],
+                          targets=[{"resource_id": "SHARED"}])
+        await wait_for(lambda: [c[2].get("limit") for c in rig.sim.limit_calls() if c[0] == session] == [24], 15)
+        station = b.engine.stations[rig.station_ids["SHARED"]]
+        wish = (to_watts(Limit("current", 16), station), "EV-A", start + timedelta(seconds=30))
+        a.set_shared_limits({station.id: wish})
+        await wait_for(lambda: rig.sim.session_limit(session) == 16, 5)
+    finally:
+        await b.stop()
+        a.close()
