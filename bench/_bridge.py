@@ -34,8 +34,7 @@ from dr_bridge.domain import Event, SignalInterval
 from dr_bridge.engine import PREFETCH_S
 
 STORE_CALLS = (  # the event-log methods dispatch and webhooks call per action on the event loop
-    "add_action", "update_action", "save_session_state", "add_webhook", "mark_webhook_processed",
-    "action_by_edrv_id", "add_reading")
+    "add_action", "update_action", "save_session_state", "action_by_edrv_id")
 
 
 class Probe:

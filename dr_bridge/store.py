@@ -549,14 +549,6 @@ class Store:
                 return False
             return True
 
-    def mark_webhook_processed(self, webhook_id: str) -> None:
-        with self.session() as s:
-            row = s.get(WebhookRow, (self.bridge, webhook_id))
-            if row is not None:
-                row.processed = True
-                s.add(row)
-                s.commit()
-
     def unprocessed_webhooks(self) -> list[WebhookRow]:
         with self.session() as s:
             q = select(WebhookRow).where(WebhookRow.bridge == self.bridge, WebhookRow.processed.is_(False))
