@@ -1,6 +1,7 @@
 """EdrvClient against the eDRV simulator over loopback: real HTTP, no mocks."""
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import time
@@ -193,6 +194,30 @@ async def test_hook_sees_each_outcome(sim):
             await edrv.clear_power_limit(session_id)
     assert calls == [("set_power_limit", "rate_limited"), ("set_power_limit", "ok"),
                      ("clear_power_limit", "rejected")]
+
+
+async def test_limit_calls_reach_edrv_as_json(sim, client):
+    """The client writes the headers httpx would add itself: they must still describe the body."""
+    session_id = sim.start_session(sim.add_station())
+    await client.set_power_limit(session_id, "power", 7400.5)
+    await client.clear_power_limit(session_id)
+    await client.get_session(session_id)
+    posts = [r for r in sim.requests if r.method == "POST"]
+    assert [(r.path.rsplit("/", 1)[-1], r.json) for r in posts] == [
+        ("set_power_limit", {"unit": "power", "limit": 7400.5}), ("clear_power_limit", {})]
+    for r in posts:
+        assert r.headers["Content-Type"] == "application/json"
+        assert r.headers["Content-Length"] == str(len(json.dumps(r.json, separators=(",", ":"))))
+    get = sim.requests[-1]
+    assert get.method == "GET" and "Content-Type" not in get.headers and "Content-Length" not in get.headers
+    assert {r.headers["Host"] for r in sim.requests} == {sim.base_url.split("/")[2]}
+
+
+async def test_a_limit_that_is_not_a_number_is_never_sent(sim, client):
+    session_id = sim.start_session(sim.add_station())
+    with pytest.raises(ValueError):
+        await client.set_power_limit(session_id, "current", float("nan"))
+    assert _posts(sim, session_id) == []
 
 
 async def test_unit_is_validated_before_sending(sim, client):

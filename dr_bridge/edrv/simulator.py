@@ -47,6 +47,7 @@ class RecordedRequest:
     json: Any
     at: float  # unix seconds
     status: int | None = None  # the HTTP status the simulator answered
+    headers: dict[str, str] = field(default_factory=dict)  # as sent, but for Authorization
 
 
 @dataclass
@@ -450,7 +451,8 @@ class EdrvSimulator:
                 body = await request.json()
             except ValueError:
                 body = "<invalid json>"
-        record = RecordedRequest(request.method, request.path, dict(request.query), body, time.time())
+        record = RecordedRequest(request.method, request.path, dict(request.query), body, time.time(),
+                                 headers={k: v for k, v in request.headers.items() if k.lower() != "authorization"})
         _keep(self.requests, record)
         response = await self._api(request, handler, body)
         record.status = response.status
