@@ -8,6 +8,12 @@ from collections import Counter
 
 import pytest
 
+# Every peer in these tests listens on loopback: a proxy set for the machine must not stand between them
+# (the eDRV transport, like httpx, would use it). The proxy test sets its own.
+for _name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+    os.environ.pop(_name, None)
+    os.environ.pop(_name.lower(), None)
+
 PG_ADMIN_URL = os.environ.get("DR_BRIDGE_TEST_PG", "postgresql://127.0.0.1:5432/test")
 # What the bad-input tests threw at the bridge, printed at the end of the run so CI's log shows it.
 BAD_INPUT: Counter = Counter()

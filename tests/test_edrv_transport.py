@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import logging
 import socket
 import ssl
 
+import aiohttp
 import httpx
 import pytest
 from aiohttp import web
@@ -89,3 +92,60 @@ async def test_tls_is_verified_and_an_untrusted_certificate_refused(tls_server):
         assert answer.status_code == 200 and answer.json()["result"]["_id"] == "abc"
     finally:
         await transport.aclose()
+
+
+class ForwardProxy:
+    """A plain-HTTP forward proxy on loopback: records each request's target and Proxy-Authorization, then
+    passes it on."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str | None]] = []
+        self.url = ""
+
+    async def __aenter__(self) -> "ForwardProxy":
+        self._http = aiohttp.ClientSession(auto_decompress=False)
+
+        async def forward(request: web.Request) -> web.Response:
+            self.seen.append((str(request.url), request.headers.get("Proxy-Authorization")))
+            headers = {k: v for k, v in request.headers.items()
+                       if k.lower() not in ("proxy-authorization", "proxy-connection", "host")}
+            async with self._http.request(request.method, request.url, headers=headers,
+                                          data=await request.read()) as answer:
+                return web.Response(status=answer.status, body=await answer.read(),
+                                    content_type=answer.content_type)
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", forward)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._runner.cleanup()
+        await self._http.close()
+
+
+async def test_requests_go_through_the_proxy_the_environment_names(monkeypatch, caplog):
+    async with EdrvSimulator(KEY) as sim, ForwardProxy() as proxy:
+        session = sim.start_session(sim.add_station(), send_webhook=False)
+        for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "HTTPS_PROXY", "https_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HTTP_PROXY", f"http://ops:s3cret-proxy@127.0.0.1:{proxy.port}")
+        caplog.set_level(logging.INFO, logger="dr_bridge.edrv")
+        async with EdrvClient(sim.base_url, KEY, max_retries=0) as edrv:
+            await edrv.set_power_limit(session, "current", 10)
+            await edrv.get_session(session)
+        assert [url for url, _ in proxy.seen] == [f"{sim.base_url}/sessions/{session}/set_power_limit",
+                                                  f"{sim.base_url}/sessions/{session}"]
+        assert {auth for _, auth in proxy.seen} == {"Basic " + base64.b64encode(b"ops:s3cret-proxy").decode()}
+        assert [r.json for r in sim.requests if r.method == "POST"] == [{"unit": "current", "limit": 10}]
+        assert f"proxy http://127.0.0.1:{proxy.port}" in caplog.text and "s3cret-proxy" not in caplog.text
+
+        proxy.seen.clear()
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # exempt: straight to eDRV
+        async with EdrvClient(sim.base_url, KEY, max_retries=0) as edrv:
+            await edrv.get_session(session)
+        assert proxy.seen == [] and sim.requests[-1].path.endswith(session)

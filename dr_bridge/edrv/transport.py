@@ -7,16 +7,22 @@ this one reads each (small, JSON) answer whole instead of streaming it, and maps
 httpx's own error types, keeping the aiohttp error as the cause so the log can name it ("refused", "server
 disconnected") rather than the catch-all "ConnectTimeout" of httpx-aiohttp.
 
-Like httpx-aiohttp, it takes no proxy from HTTP(S)_PROXY in the environment.
+As httpx's own transport does, it sends through the proxy that HTTP_PROXY, HTTPS_PROXY or ALL_PROXY name,
+unless NO_PROXY exempts the host: read once per host rather than per request, which is what aiohttp's own
+trust_env would do (and it would also take ~/.netrc credentials, which must not replace eDRV's key).
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
+import urllib.request
 
 import aiohttp
 import httpx
 from yarl import URL
+
+log = logging.getLogger("dr_bridge.edrv")
 
 
 class AiohttpTransport(httpx.AsyncBaseTransport):
@@ -32,6 +38,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         self._keepalive_expiry_s = keepalive_expiry_s
         self._session: aiohttp.ClientSession | None = None
         self._timeouts: dict[tuple, aiohttp.ClientTimeout] = {}
+        self._proxies: dict[tuple[str, str], tuple[URL | None, aiohttp.BasicAuth | None]] = {}
 
     def _open(self) -> aiohttp.ClientSession:
         # Made on first use, inside the running event loop that will use it.
@@ -53,12 +60,23 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 sock_connect=connect, sock_read=t.get("read"))
         return timeout
 
+    def _proxy(self, url: httpx.URL) -> tuple[URL | None, aiohttp.BasicAuth | None]:
+        key = (url.scheme, url.host)
+        found = self._proxies.get(key)
+        if found is None:
+            found = self._proxies[key] = _env_proxy(*key)
+            if found[0] is not None:
+                log.info("requests to %s go through the proxy %s (from the environment)", url.host, found[0])
+        return found
+
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         session = self._session or self._open()
         body = request.content or None  # the client sends bytes, never a stream
+        proxy, proxy_auth = self._proxy(request.url)
         try:
             async with session.request(request.method, URL(str(request.url), encoded=True),
                                        headers=request.headers.multi_items(), data=body, allow_redirects=False,
+                                       proxy=proxy, proxy_auth=proxy_auth,
                                        timeout=self._timeout(request.extensions.get("timeout"))) as answer:
                 content = await answer.read()
         except aiohttp.ClientError as exc:
@@ -73,6 +91,20 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def _env_proxy(scheme: str, host: str) -> tuple[URL | None, aiohttp.BasicAuth | None]:
+    """The proxy the environment names for this scheme and host, its credentials apart (so that the URL
+    can be logged); (None, None) for none or when NO_PROXY exempts the host."""
+    if urllib.request.proxy_bypass_environment(host):
+        return None, None
+    proxies = urllib.request.getproxies_environment()
+    named = proxies.get(scheme) or proxies.get("all")
+    if not named:
+        return None, None
+    url = URL(named if "://" in named else f"http://{named}")
+    auth = aiohttp.BasicAuth(url.user or "", url.password or "") if url.user else None
+    return url.with_user(None), auth
 
 
 def _httpx_error(exc: aiohttp.ClientError, request: httpx.Request) -> httpx.TransportError:
