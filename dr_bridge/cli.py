@@ -98,6 +98,23 @@ def release_all_command(config: str = ConfigOpt, debug: bool = DebugOpt) -> None
     raise typer.Exit(1 if left else 0)
 
 
+@app.command("retire", help="Take this bridge out of service: release its station claims, so that another "
+                             "bridge on the database may take its stations. Stop it first; refused while it "
+                             "still limits a session or owes an event.")
+def retire_command(config: str = ConfigOpt, debug: bool = DebugOpt) -> None:
+    from dr_bridge.retire import RetireError, retire
+
+    cfg = config_or_exit(config)
+    store = open_store(cfg)
+    try:
+        message = retire(cfg, store)
+    except RetireError as exc:
+        fail(str(exc))
+    finally:
+        store.close()
+    Console().print(message, markup=False, highlight=False)
+
+
 @events_app.command("list", help="List events, newest last.")
 def events_list(config: str = ConfigOpt, as_json: bool = typer.Option(False, "--json"),
                 since: Optional[str] = typer.Option(None, "--since", help="ISO time: events ending after it."),

@@ -76,7 +76,7 @@ class Bridge:
         raise StationConflict(
             f"{self.cfg.path or 'config'}: chargestations[{index}]: station {first.chargestation_id} is also "
             f"configured in bridge {first.bridge!r} on this database; remove it from one of them, or set "
-            f"shared = true for it in both{more}")
+            f"shared = true for it in both; a bridge out of service frees its stations with `dr-bridge retire`{more}")
 
     async def start(self) -> None:
         self.claim_stations()

@@ -346,6 +346,17 @@ class Store:
             s.commit()
             return []
 
+    def release_claims(self) -> list[str]:
+        """Drop this bridge's station claims and shared-station wishes (it is being retired); the stations
+        it had claimed."""
+        with self.session() as s:
+            released = sorted(s.exec(select(StationClaim.chargestation_id)
+                                     .where(StationClaim.bridge == self.bridge)))
+            s.execute(sa.delete(StationClaim).where(StationClaim.bridge == self.bridge))
+            s.execute(sa.delete(SharedLimit).where(SharedLimit.bridge == self.bridge))
+            s.commit()
+        return released
+
     def set_shared_limits(self, limits: dict[str, tuple[float, str | None, datetime]]) -> None:
         """Replace this bridge's wishes for shared stations: station id -> (W, event id, until)."""
         with self.session() as s:

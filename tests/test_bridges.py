@@ -189,3 +189,42 @@ async def test_a_wish_published_while_the_other_bridge_was_planning_is_honoured_
     finally:
         await b.stop()
         a.close()
+
+
+def test_a_retired_bridge_frees_its_stations_once_it_owes_nothing(db_url, tmp_path):
+    """`dr-bridge retire`: refused while the bridge still limits a session or owes an opted-in event; then its
+    claims go (so another bridge may take the station) and its event log stays."""
+    from typer.testing import CliRunner
+
+    from dr_bridge.cli import app
+
+    path = tmp_path / "a.toml"
+    path.write_text(f'[bridge]\ndatabase_url = "{db_url}"\n[vtn]\nurl = "http://127.0.0.1:9/OpenADR2/Simple/2.0b"\n'
+                    f'ven_name = "utility-a"\n[levels]\n1 = {{ fraction = 0.5 }}\n'
+                    f'[[chargestations]]\nid = "C1"\nmax_current = 32\n')
+    a, b = Store.open(db_url, bridge="utility-a"), Store.open(db_url, bridge="utility-b")
+    runner = CliRunner()
+    try:
+        assert a.claim_stations([("C1", "r1", False)]) == []
+        a.save_session_state("S1", chargestation_id="C1", resource_id="r1", limited=True)
+        a.save_event(EventRow(event_id="E1", start=T0, effective_start=T0, status="active", opt="optIn"))
+
+        out = runner.invoke(app, ["retire", "--config", str(path)])
+        assert out.exit_code == 1 and "still limits 1 session(s) (e.g. S1)" in out.output, out.output
+        assert "release-all" in out.output
+        a.save_session_state("S1", limited=False)
+        out = runner.invoke(app, ["retire", "--config", str(path)])
+        assert out.exit_code == 1 and "opted in to event(s) not yet over: E1" in out.output, out.output
+        assert [c.bridge for c in b.claim_stations([("C1", "r1", False)])] == ["utility-a"]  # still a's
+
+        event = a.get_event("E1")
+        event.status = "completed"
+        a.save_event(event, [])
+        out = runner.invoke(app, ["retire", "--config", str(path)])
+        assert out.exit_code == 0 and "released 1 station(s) (C1)" in out.stdout, out.output
+        assert b.claim_stations([("C1", "r1", False)]) == []  # now b may have it
+        assert a.get_event("E1").status == "completed"  # the event log stays for review
+        assert "nothing to release" in runner.invoke(app, ["retire", "--config", str(path)]).stdout
+    finally:
+        a.close()
+        b.close()
