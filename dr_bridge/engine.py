@@ -95,6 +95,7 @@ class Engine:
         self._follow_up_task: asyncio.Task | None = None
         self._resolving: dict[str, asyncio.Task] = {}  # station id -> its kind being read from eDRV
         self._finalising: set[int] = set()  # actions whose final outcome is on its way to the database
+        self._expiring: set[int] = set()  # actions counted as unanswered, that mark on its way to the database
         self._wished: dict = {}  # what this bridge last published of the stations it shares
         self._idle = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
@@ -707,11 +708,22 @@ class Engine:
     async def _expire_unanswered(self) -> None:
         if not self.webhooks_seen:
             return
-        cutoff = utcnow() - timedelta(seconds=self.cfg.edrv.action_timeout_s)
-        for row in self.store.unanswered_actions(cutoff):
-            self.store.update_action(row.id, status="failed",
-                                     detail=f"no outcome from the charger within {self.cfg.edrv.action_timeout_s:g} s")
-            log.warning("no outcome for %s on session %s: counted as failed", row.kind, row.session_id)
+        timeout_s = self.cfg.edrv.action_timeout_s
+        # Skipped: those whose outcome, or whose expiry from the check before, is still on its way to the database.
+        rows = [r for r in self.store.unanswered_actions(utcnow() - timedelta(seconds=timeout_s))
+                if r.id not in self._finalising and r.id not in self._expiring]
+        if not rows:
+            return
+        # Group-committed, and queued before any outcome that comes later, which then wins: when eDRV's webhooks
+        # stop during a large event, thousands of calls expire together, one commit each would stall the loop.
+        ids = {r.id for r in rows}
+        self._expiring |= ids
+        detail = f"no outcome from the charger within {timeout_s:g} s"
+        done = self.journal.submit(*(("update_action", r.id, {"status": "failed", "detail": detail}) for r in rows))
+        done.add_done_callback(lambda _: self._expiring.difference_update(ids))
+        log.warning("no outcome within %g s for %d call(s), counted as failed: %s", timeout_s, len(rows),
+                    ", ".join(f"{r.kind} on session {r.session_id}" for r in rows[:5]) + (", ..." if len(rows) > 5 else ""))
+        for row in rows:
             self.dispatcher.unanswered(row.session_id, row.purpose, (row.unit, row.limit))
 
     async def _prune(self) -> None:

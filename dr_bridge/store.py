@@ -454,12 +454,15 @@ class Store:
                                                  ActionRow.resource_id == resource_id).distinct()
             return {event_id for event_id in s.exec(q) if event_id is not None}
 
-    def unanswered_actions(self, before: datetime) -> list[ActionRow]:
-        """Calls eDRV accepted (HTTP 2xx) whose charger has not answered by `before`."""
-        with self.session() as s:
-            q = select(ActionRow).where(ActionRow.bridge == self.bridge, ActionRow.status == "requested",
-                                        ActionRow.updated_at < before)
-            return list(s.exec(q.order_by(ActionRow.id)))
+    def unanswered_actions(self, before: datetime) -> list[sa.Row]:
+        """Calls eDRV accepted (HTTP 2xx) whose charger has not answered by `before`, as plain rows: when
+        webhooks stop during a large event, thousands at once, read on the event loop."""
+        t = ActionRow.__table__
+        q = (sa.select(t.c.id, t.c.kind, t.c.session_id, t.c.purpose, t.c.unit, t.c.limit)
+             .where(t.c.bridge == self.bridge, t.c.status == "requested", t.c.updated_at < before)
+             .order_by(t.c.id))
+        with self.engine.connect() as conn:
+            return list(conn.execute(q))
 
     def action_counts(self, event_id: str | None = None) -> dict[str, int]:
         with self.session() as s:
