@@ -721,8 +721,9 @@ class Engine:
         detail = f"no outcome from the charger within {timeout_s:g} s"
         done = self.journal.submit(*(("update_action", r.id, {"status": "failed", "detail": detail}) for r in rows))
         done.add_done_callback(lambda _: self._expiring.difference_update(ids))
-        log.warning("no outcome within %g s for %d call(s), counted as failed: %s", timeout_s, len(rows),
-                    ", ".join(f"{r.kind} on session {r.session_id}" for r in rows[:5]) + (", ..." if len(rows) > 5 else ""))
+        examples = ", ".join(f"{r.kind} on session {r.session_id}" for r in rows[:5])
+        log.warning("no outcome within %g s for %d call(s), counted as failed: %s%s", timeout_s, len(rows), examples,
+                    ", ..." if len(rows) > 5 else "")
         for row in rows:
             self.dispatcher.unanswered(row.session_id, row.purpose, (row.unit, row.limit))
 
