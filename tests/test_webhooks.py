@@ -203,6 +203,28 @@ async def test_unanswered_limits_fail_are_resent_then_non_compliant(rig, bridge)
     assert all(a.status == "failed" and "no outcome" in a.detail for a in limits)
 
 
+@pytest.mark.parametrize("rig", [{"stations": [StationSpec("A")], "edrv": {"action_timeout_s": 1}}], indirect=True)
+async def test_an_outcome_arriving_after_its_timeout_still_counts(rig, bridge):
+    """The timeout marks a call failed and sends it again; the charger's answer, when it comes after all, is
+    what the event log keeps for that call."""
+    await wait_for(lambda: bridge.engine.webhooks_seen, 10)
+    rig.sim.faults.update(drop_webhook_rate=1.0)  # the charger's answers are held back
+    event_id = rig.vtn.add_event(bridge.ven.ven_id, intervals=[(soon(2), timedelta(seconds=60), 2)])
+
+    def limits():
+        return [a for a in bridge.store.actions(event_id) if a.purpose == "limit"]
+
+    first, *_ = await wait_for(lambda: [a for a in limits() if a.status == "failed"], 15)
+    assert "no outcome" in first.detail
+    await wait_for(lambda: len(limits()) >= 2, 10)  # sent again
+    rig.sim.faults.update(drop_webhook_rate=0.0)
+    late = [e for e in rig.sim.webhooks_dropped
+            if e["type"].endswith(".accepted") and e["data"]["_id"] == first.edrv_action_id]
+    await rig.sim._deliver(late[0])
+    await wait_for(lambda: next(a for a in limits() if a.id == first.id).status == "accepted", 10)
+    assert bridge.store.opt_outs(event_id) == []  # one late answer is not non-compliance
+
+
 @pytest.mark.parametrize("rig", [{"stations": [StationSpec("A")]}], indirect=True)
 async def test_station_offline_is_non_compliant_and_relimited_when_back(rig, bridge):
     s = soon(2)
