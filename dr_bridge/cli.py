@@ -138,7 +138,10 @@ def events_list(config: str = ConfigOpt, as_json: bool = typer.Option(False, "--
 
 @events_app.command("show", help="One event: intervals, a timeline of every action and its outcome, opt-outs "
                                  "and restores, and the measured reduction.")
-def events_show(event_id: str, config: str = ConfigOpt, as_json: bool = typer.Option(False, "--json")) -> None:
+def events_show(event_id: str, config: str = ConfigOpt, as_json: bool = typer.Option(False, "--json"),
+                all_rows: bool = typer.Option(False, "--all", help="The whole timeline, however long (a long one "
+                                              "is otherwise cut short, the refused or failed calls listed after).")
+                ) -> None:
     from dr_bridge import views
     from dr_bridge.eventlog import event_detail
 
@@ -149,7 +152,7 @@ def events_show(event_id: str, config: str = ConfigOpt, as_json: bool = typer.Op
     if as_json:
         print(json.dumps(detail, indent=2))
     else:
-        views.print_event_detail(views.console(), detail)
+        views.print_event_detail(views.console(), detail, all_rows=all_rows)
 
 
 @events_app.command("export", help="One event for auditors: csv (one row per action) or json (as show --json).")

@@ -9,7 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from dr_bridge.eventlog import timeline
+from dr_bridge.eventlog import describe_action, timeline
 
 
 def _fmt(v: Any) -> str:
@@ -47,7 +47,10 @@ def _clock(at: str | None, day: str) -> str:
     return at[11:19] if at[:10] == day else f"{at[:10]} {at[11:19]}"
 
 
-def print_event_detail(console: Console, d: dict[str, Any]) -> None:
+TIMELINE_ROWS = 300  # more is a wall of text in a terminal (and seconds to draw): --all, --json and export have all
+
+
+def print_event_detail(console: Console, d: dict[str, Any], all_rows: bool = False) -> None:
     day = d["effective_start"][:10]
     console.print(f"[bold]Event {escape(d['event_id'])}[/bold]  modification {d['modification_number']}  "
                   f"status [bold]{d['status']}[/bold]  answered {d['opt'] or '-'}"
@@ -60,12 +63,63 @@ def print_event_detail(console: Console, d: dict[str, Any]) -> None:
     for i in d["intervals"]:
         t.add_row(i["start"], _fmt(i["end"]), Text(f"{i['signal_name']}/{i['signal_type']}"), _fmt(i["value"]))
     console.print(t)
-    print_timeline(console, timeline(d), day, len(d["actions"]))
+    print_calls(console, d["actions"])
+    rows = timeline(d)
+    shown = rows if all_rows or len(rows) <= TIMELINE_ROWS else rows[:TIMELINE_ROWS]
+    print_timeline(console, shown, day, len(d["actions"]))
+    if len(shown) < len(rows):
+        console.print(f"… {len(rows) - len(shown):,} more timeline rows: --all shows them, as do --json and "
+                      f"`events export`", markup=False, highlight=False, soft_wrap=True)
+        print_problems(console, d["actions"], day)
     print_performance(console, d["performance"])
 
 
+OUTCOMES = ("accepted", "requested", "planned", "dry_run", "rejected", "failed", "skipped")
+
+
+def print_calls(console: Console, actions: list[dict[str, Any]]) -> None:
+    """How many calls of each kind ended how: the whole event at a glance, however many sessions."""
+    if not actions:
+        return
+    counts: dict[str, dict[str, int]] = {}
+    for a in actions:
+        what = "limit" if a["purpose"] == "limit" else describe_action(a) if a["kind"] == "clear_power_limit" \
+            else "restore (set)"
+        by = counts.setdefault(what, {})
+        by[a["status"]] = by.get(a["status"], 0) + 1
+    seen = {status for by in counts.values() for status in by}
+    columns = [o for o in OUTCOMES if o in seen] + sorted(seen - set(OUTCOMES))
+    t = Table(title=f"Calls ({len(actions):,})", box=box.SIMPLE_HEAD, pad_edge=False)
+    t.add_column("call")
+    for c in columns:
+        t.add_column(c, justify="right", style="red" if c in ("rejected", "failed") else None)
+    for what, by in counts.items():
+        t.add_row(what, *(f"{by[c]:,}" if c in by else "" for c in columns))
+    console.print(t)
+
+
+def print_problems(console: Console, actions: list[dict[str, Any]], day: str, limit: int = 100) -> None:
+    """Calls a charger refused or that failed, wherever they fall in a timeline too long to show whole."""
+    bad = [a for a in actions if a["status"] in ("rejected", "failed")]
+    if not bad:
+        return
+    t = Table(title=f"Calls refused or failed ({len(bad):,})", box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("at", "what (detail below)", "resource", "session", "outcome", "tries"):
+        t.add_column(col, ratio=1 if col.startswith("what") else None, overflow="fold")
+    for a in bad[:limit]:
+        what = Text(describe_action(a))
+        if a["detail"]:
+            what.append("\n" + a["detail"], style="dim")
+        t.add_row(_clock(a["at"], day), what, Text(a["resource_id"] or ""), "…" + a["session_id"][-8:],
+                  a["status"], "" if a["attempts"] is None else str(a["attempts"]), style="red")
+    console.print(t)
+    if len(bad) > limit:
+        console.print(f"… {len(bad) - limit:,} more refused or failed calls: --all or `events export`",
+                      markup=False, highlight=False, soft_wrap=True)
+
+
 def print_timeline(console: Console, rows: list[dict[str, Any]], day: str, n_actions: int) -> None:
-    t = Table(title=f"Timeline (UTC, {day}; {n_actions} actions)", box=box.SIMPLE_HEAD, pad_edge=False)
+    t = Table(title=f"Timeline (UTC, {day}; {n_actions:,} actions)", box=box.SIMPLE_HEAD, pad_edge=False)
     t.add_column("at", no_wrap=True)
     t.add_column("what (detail below)", ratio=1, overflow="fold")  # the detail gets the width that is left
     t.add_column("resource", overflow="fold", max_width=24)

@@ -58,3 +58,44 @@ async def test_events_list_and_show_json_follow_the_contract(rig, bridge, tmp_pa
         .strip() == "[]"
     missing = runner.invoke(app, ["events", "show", "NOPE", "--config", str(cfg)])
     assert missing.exit_code == 1
+
+
+def test_a_long_event_shows_its_calls_counted_and_its_problems_however_far_down(tmp_path):
+    """An event over thousands of sessions: the table counts every call, the timeline stops after a few
+    hundred rows and says how to see the rest, and the refused calls are listed wherever they fell."""
+    from datetime import datetime, timezone
+
+    from dr_bridge.journal import Journal
+    from dr_bridge.store import EventRow, IntervalRow, Store
+    from dr_bridge.views import TIMELINE_ROWS
+
+    db = tmp_path / "bridge.db"
+    start = datetime(2026, 11, 25, 17, 0, tzinfo=timezone.utc)
+    store = Store.open(f"sqlite:///{db}", bridge="long")
+    store.save_event(EventRow(event_id="E-LONG", status="completed", opt="optIn", start=start,
+                              end=start + timedelta(hours=1), effective_start=start),
+                     [IntervalRow(event_id="E-LONG", start=start, end=start + timedelta(hours=1),
+                                  signal_name="SIMPLE", signal_type="level", value=2)])
+    n = TIMELINE_ROWS + 200
+    calls = [dict(event_id="E-LONG", session_id=f"S{i:08d}", chargestation_id="C1", resource_id="depot",
+                  kind="set_power_limit", purpose="limit", unit="current", limit=16.0,
+                  status="rejected" if i == n - 1 else "accepted", attempts=4 if i == n - 1 else 1,
+                  detail="station refused the limit" if i == n - 1 else "") for i in range(n)]
+    Journal(store).write_batch([("add_action", c, {}) for c in calls])
+    store.close()
+    path = tmp_path / "long.toml"
+    path.write_text(f'[bridge]\ndatabase_url = "sqlite:///{db}"\n[vtn]\nurl = "http://127.0.0.1:9/OpenADR2/Simple/2.0b"\n'
+                    f'ven_name = "long"\n[levels]\n1 = {{ fraction = 0.5 }}\n[[chargestations]]\nid = "C1"\n'
+                    f'max_current = 32\nresource_id = "depot"\n')
+    runner = CliRunner()
+
+    out = runner.invoke(app, ["events", "show", "E-LONG", "--config", str(path)])
+    assert out.exit_code == 0, out.output
+    assert re.search(rf"limit\s+{n - 1:,}\s+1\b", out.stdout), out.stdout[:2000]  # accepted, rejected
+    assert re.search(r"… \d+ more timeline rows: --all shows them", out.stdout)
+    assert "Calls refused or failed (1)" in out.stdout and f"…{n - 1:08d}" in out.stdout
+    assert "station refused the limit" in out.stdout
+
+    whole = runner.invoke(app, ["events", "show", "E-LONG", "--config", str(path), "--all"])
+    assert whole.exit_code == 0 and "more timeline rows" not in whole.stdout
+    assert all(f"…{i:08d}" in whole.stdout for i in range(0, n, 97))
