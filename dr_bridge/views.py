@@ -83,8 +83,10 @@ def print_calls(console: Console, actions: list[dict[str, Any]]) -> None:
         return
     counts: dict[str, dict[str, int]] = {}
     for a in actions:
-        what = "limit" if a["purpose"] == "limit" else describe_action(a) if a["kind"] == "clear_power_limit" \
-            else "restore (set)"
+        if a["purpose"] == "limit":
+            what = "limit"
+        else:
+            what = "restore (clear)" if a["kind"] == "clear_power_limit" else "restore (set)"
         by = counts.setdefault(what, {})
         by[a["status"]] = by.get(a["status"], 0) + 1
     seen = {status for by in counts.values() for status in by}
