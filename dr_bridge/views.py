@@ -66,7 +66,7 @@ def print_event_detail(console: Console, d: dict[str, Any], all_rows: bool = Fal
     print_calls(console, d["actions"])
     rows = timeline(d)
     shown = rows if all_rows or len(rows) <= TIMELINE_ROWS else rows[:TIMELINE_ROWS]
-    print_timeline(console, shown, day, len(d["actions"]))
+    print_timeline(console, shown, day, f"Timeline (UTC, {day}; {len(d['actions']):,} actions)")
     if len(shown) < len(rows):
         console.print(f"… {len(rows) - len(shown):,} more timeline rows: --all shows them, as do --json and "
                       f"`events export`", markup=False, highlight=False, soft_wrap=True)
@@ -105,23 +105,18 @@ def print_problems(console: Console, actions: list[dict[str, Any]], day: str, li
     bad = [a for a in actions if a["status"] in ("rejected", "failed")]
     if not bad:
         return
-    t = Table(title=f"Calls refused or failed ({len(bad):,})", box=box.SIMPLE_HEAD, pad_edge=False)
-    for col in ("at", "what (detail below)", "resource", "session", "outcome", "tries"):
-        t.add_column(col, ratio=1 if col.startswith("what") else None, overflow="fold")
-    for a in bad[:limit]:
-        what = Text(describe_action(a))
-        if a["detail"]:
-            what.append("\n" + a["detail"], style="dim")
-        t.add_row(_clock(a["at"], day), what, Text(a["resource_id"] or ""), "…" + a["session_id"][-8:],
-                  a["status"], "" if a["attempts"] is None else str(a["attempts"]), style="red")
-    console.print(t)
+    rows = [{"at": a["at"], "what": describe_action(a), "kind": "action", "resource_id": a["resource_id"],
+             "session_id": a["session_id"], "outcome": a["status"], "attempts": a["attempts"],
+             "detail": a["detail"]} for a in bad[:limit]]
+    print_timeline(console, rows, day, f"Calls refused or failed ({len(bad):,})")
     if len(bad) > limit:
         console.print(f"… {len(bad) - limit:,} more refused or failed calls: --all or `events export`",
                       markup=False, highlight=False, soft_wrap=True)
 
 
-def print_timeline(console: Console, rows: list[dict[str, Any]], day: str, n_actions: int) -> None:
-    t = Table(title=f"Timeline (UTC, {day}; {n_actions:,} actions)", box=box.SIMPLE_HEAD, pad_edge=False)
+def print_timeline(console: Console, rows: list[dict[str, Any]], day: str, title: str) -> None:
+    """Rows as eventlog.timeline makes them."""
+    t = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
     t.add_column("at", no_wrap=True)
     t.add_column("what (detail below)", ratio=1, overflow="fold")  # the detail gets the width that is left
     t.add_column("resource", overflow="fold", max_width=24)
