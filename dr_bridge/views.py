@@ -9,7 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from dr_bridge.eventlog import describe_action, timeline
+from dr_bridge.eventlog import timeline
 
 
 def _fmt(v: Any) -> str:
@@ -70,7 +70,7 @@ def print_event_detail(console: Console, d: dict[str, Any], all_rows: bool = Fal
     if len(shown) < len(rows):
         console.print(f"… {len(rows) - len(shown):,} more timeline rows: --all shows them, as do --json and "
                       f"`events export`", markup=False, highlight=False, soft_wrap=True)
-        print_problems(console, d["actions"], day)
+        print_problems(console, rows, day)
     print_performance(console, d["performance"])
 
 
@@ -100,15 +100,12 @@ def print_calls(console: Console, actions: list[dict[str, Any]]) -> None:
     console.print(t)
 
 
-def print_problems(console: Console, actions: list[dict[str, Any]], day: str, limit: int = 100) -> None:
-    """Calls a charger refused or that failed, wherever they fall in a timeline too long to show whole."""
-    bad = [a for a in actions if a["status"] in ("rejected", "failed")]
+def print_problems(console: Console, rows: list[dict[str, Any]], day: str, limit: int = 100) -> None:
+    """The timeline's calls a charger refused or that failed, wherever they fall in one too long to show whole."""
+    bad = [r for r in rows if r["kind"] == "action" and r["outcome"] in ("rejected", "failed")]
     if not bad:
         return
-    rows = [{"at": a["at"], "what": describe_action(a), "kind": "action", "resource_id": a["resource_id"],
-             "session_id": a["session_id"], "outcome": a["status"], "attempts": a["attempts"],
-             "detail": a["detail"]} for a in bad[:limit]]
-    print_timeline(console, rows, day, f"Calls refused or failed ({len(bad):,})")
+    print_timeline(console, bad[:limit], day, f"Calls refused or failed ({len(bad):,})")
     if len(bad) > limit:
         console.print(f"… {len(bad) - limit:,} more refused or failed calls: --all or `events export`",
                       markup=False, highlight=False, soft_wrap=True)
