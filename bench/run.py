@@ -23,6 +23,8 @@ from pathlib import Path
 
 import aiohttp
 
+from dr_bridge.localvtn import reserve_port
+
 ROOT = Path(__file__).resolve().parent.parent
 STATIONS = 2000
 CONCURRENCY = 32  # the bridge's default [edrv] max_concurrency; every loop uses the same
@@ -116,7 +118,7 @@ def dispatch_rows(workdir: Path, sessions: int, latencies: list[int], transports
 def midevent_rows(workdir: Path, count: int, latencies: list[int], rate: float) -> list[dict]:
     rows = []
     for ms in latencies:
-        port = _free_port()
+        port = reserve_port("127.0.0.1")
         sim = Simulator(workdir, 1000, webhook_url=f"http://127.0.0.1:{port}/edrv/webhooks")
         try:
             sim.latency(ms)
@@ -143,14 +145,6 @@ def midevent_rows(workdir: Path, count: int, latencies: list[int], rate: float) 
         finally:
             sim.stop()
     return rows
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def verdicts(rows: list[dict]) -> list[dict]:

@@ -12,7 +12,6 @@ import copy
 import dataclasses
 import io
 import logging
-import socket
 import time
 import warnings
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from datetime import datetime, timedelta, timezone
 from functools import partial
 from typing import TypeVar
 
+import ephemeral_port_reserve
 from aiohttp import web
 from openleadr import OpenADRServer, enums, errors, objects, utils
 from openleadr.service import OptService, VTNService, handler
@@ -30,10 +30,11 @@ IntervalSpec = tuple[datetime, timedelta, float]  # (start, duration, value); du
 T = TypeVar("T")
 
 
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+def reserve_port(host: str) -> int:
+    """A port for a server that binds it later. A port merely found free can be handed out again (to an
+    outgoing connection or another bind to port 0) before that server binds it; a reserved one is left in
+    TIME_WAIT, which the kernel skips when choosing ports and servers binding with SO_REUSEADDR do not mind."""
+    return ephemeral_port_reserve.reserve(host)
 
 
 def _signal(name: str, kind: str, specs: list[IntervalSpec], unit: str | None = None) -> objects.EventSignal:
@@ -130,7 +131,7 @@ class LocalVtn:
         self.vtn_id = vtn_id
         self.host = host
         # Chosen now, so the url is known before start() (a VEN may be pointed at a VTN that is still down).
-        self.port = port or _free_port(host)
+        self.port = port or reserve_port(host)
         self.registrations: list[dict] = []  # every accepted oadrCreatePartyRegistration
         self.opts: list[dict] = []  # every oadrCreateOpt
         self.responses: list[dict] = []  # every oadrCreatedEvent answer: ven_id, event_id, opt_type

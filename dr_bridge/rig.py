@@ -10,7 +10,7 @@ from typing import Any
 
 from dr_bridge.config import Config, config_from_dict
 from dr_bridge.edrv.simulator import EdrvSimulator
-from dr_bridge.localvtn import LocalVtn
+from dr_bridge.localvtn import LocalVtn, reserve_port
 
 API_KEY = "rig-api-key"
 WEBHOOK_SECRET_ENV = "DR_BRIDGE_RIG_WEBHOOK_SECRET"
@@ -48,7 +48,7 @@ class Rig:
     async def start(self, webhooks: bool = False, http_port: int = 0) -> None:
         self.vtn = LocalVtn(poll_s=1, telemetry_s=self.telemetry_s)
         await self.vtn.start()
-        self.http_port = http_port or _free_port()
+        self.http_port = http_port or reserve_port("127.0.0.1")
         webhook_url = f"http://127.0.0.1:{self.http_port}/edrv/webhooks" if webhooks else None
         self.sim = EdrvSimulator(API_KEY, webhook_url=webhook_url, ev_delay_s=self.ev_delay_s,
                                  report_interval_s=self.report_interval_s, seed=7, webhook_secret=self.webhook_secret)
@@ -107,14 +107,6 @@ class Rig:
             lines += [f"{k} = {toml_value(v)}" for k, v in st.items()]
         path.write_text("\n".join(lines) + "\n")
         return path
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # One polling helper for tests and the demo: the local VTN's.
