@@ -5,8 +5,12 @@ import json
 import logging
 import socket
 import time
+from urllib.parse import quote
 
+import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dr_bridge.edrv.client import EdrvClient
 from dr_bridge.edrv.errors import (EdrvAuthError, EdrvNotFound, EdrvRateLimited, EdrvRejected, EdrvServerError,
@@ -211,6 +215,34 @@ async def test_limit_calls_reach_edrv_as_json(sim, client):
     get = sim.requests[-1]
     assert get.method == "GET" and "Content-Type" not in get.headers and "Content-Length" not in get.headers
     assert {r.headers["Host"] for r in sim.requests} == {sim.base_url.split("/")[2]}
+
+
+@settings(max_examples=300, deadline=None)
+@given(base=st.sampled_from(["http://127.0.0.1:8080/v1.1", "https://api.example.test/v1.1/", "http://h:1"]),
+       session_id=st.text(), action=st.sampled_from(["set_power_limit", "clear_power_limit", ""]))
+def test_the_url_built_without_parsing_is_the_one_parsing_gives(base, session_id, action):
+    client = EdrvClient(base, KEY)
+    path = f"sessions/{quote(session_id, safe='')}" + (f"/{action}" if action else "")
+    built, parsed = client._url(path, None), httpx.URL(f"{client.base_url}/{path}")
+    assert (str(built), built.raw_path, built.host, built.port) == (
+        str(parsed), parsed.raw_path, parsed.host, parsed.port)
+
+
+def test_a_plain_path_is_not_parsed_again(monkeypatch):
+    client = EdrvClient("http://127.0.0.1:8080/v1.1", KEY)
+
+    def no_parsing(*args, **kwargs):
+        raise AssertionError("parsed")
+
+    monkeypatch.setattr(httpx._urls, "urlparse", no_parsing)
+    url = client._url("sessions/65f1a2b3c4d5e6f7a8b9c0d1/set_power_limit", None)
+    assert str(url) == "http://127.0.0.1:8080/v1.1/sessions/65f1a2b3c4d5e6f7a8b9c0d1/set_power_limit"
+
+
+async def test_a_session_id_with_odd_characters_reaches_its_own_path(sim, client):
+    with pytest.raises(EdrvNotFound):
+        await client.set_power_limit("../a b/é?x", "current", 10, max_retries=0)
+    assert sim.requests[-1].path == "/v1.1/sessions/../a b/é?x/set_power_limit"  # as eDRV decodes it: whole
 
 
 async def test_a_limit_that_is_not_a_number_is_never_sent(sim, client):
