@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import logging
 import socket
 import ssl
@@ -79,6 +80,36 @@ async def tls_server(tmp_path):
     port = site._server.sockets[0].getsockname()[1]
     yield f"https://127.0.0.1:{port}/v1.1", pki.ca_file
     await runner.cleanup()
+
+
+async def test_answers_read_as_httpx_reads_them_plain_or_compressed():
+    body = '{"ok": true, "result": {"_id": "s1", "note": "é"}}'.encode()
+
+    async def answer(request: web.Request) -> web.Response:
+        if request.query.get("gzip"):
+            return web.Response(body=gzip.compress(body), content_type="application/json",
+                                headers={"Content-Encoding": "gzip"})
+        return web.Response(body=body, content_type="application/json", charset="utf-8")
+
+    app = web.Application()
+    app.router.add_get("/answer", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    transport = AiohttpTransport(max_connections=2)
+    try:
+        for query in ("", "?gzip=1"):
+            request = httpx.Request("GET", f"http://127.0.0.1:{port}/answer{query}")
+            got = await transport.handle_async_request(request)
+            assert (got.content, got.text, got.json(), got.encoding) == (
+                body, body.decode(), {"ok": True, "result": {"_id": "s1", "note": "é"}}, "utf-8")
+            assert (got.is_closed, got.is_stream_consumed, await got.aread()) == (True, True, body)
+            assert got.headers.get("Content-Encoding") == ("gzip" if query else None)
+    finally:
+        await transport.aclose()
+        await runner.cleanup()
 
 
 async def test_tls_is_verified_and_an_untrusted_certificate_refused(tls_server):
