@@ -92,8 +92,11 @@ class EdrvClient:
         # The headers httpx.Request would add itself (Host, and Content-Type and -Length for a body) given
         # up front: it looks each one up first, a KeyError raised and caught per header and request, a
         # measurable share of dispatch's CPU.
-        self._base = httpx.URL(self.base_url)
-        self._headers["Host"] = self._base.netloc.decode("ascii")
+        base = httpx.URL(self.base_url)
+        self._headers["Host"] = base.netloc.decode("ascii")
+        # What _url() appends a path to; None (another httpx's URL internals) parses every URL instead.
+        self._base_ref = getattr(base, "_uri_reference", None)
+        self._base_path = base.path.rstrip("/")
         self._json_headers = [*self._headers.raw, (b"Content-Type", b"application/json")]
 
     def __repr__(self) -> str:
@@ -235,10 +238,9 @@ class EdrvClient:
         the client's CPU per call (httpx checks every character of it), so the usual case, a path of plain
         characters and %-escapes without a query, is built from the base URL's parsed form instead: the same
         URL that parsing would give (tests/test_edrv_client.py checks that), without the parse."""
-        if params is None and _PLAIN_PATH.fullmatch(path) and hasattr(self._base, "_uri_reference"):
-            base = self._base._uri_reference
+        if params is None and self._base_ref is not None and _PLAIN_PATH.fullmatch(path):
             url = httpx.URL.__new__(httpx.URL)
-            url._uri_reference = base._replace(path=f"{base.path.rstrip('/')}/{path}")
+            url._uri_reference = self._base_ref._replace(path=f"{self._base_path}/{path}")
             return url
         return httpx.URL(f"{self.base_url}/{path}", params=params)
 
