@@ -1,4 +1,5 @@
-"""The real bridge (daemon.Bridge: Engine, Dispatcher, EdrvClient, SQLite event log) in its own process.
+"""The real bridge (daemon.Bridge: Engine, Dispatcher, EdrvClient, SQLite event log) in its own process,
+started as `dr-bridge run` starts it (its garbage collector tuned once started: daemon.tune_gc).
 
     python -m bench._bridge dispatch --target FILE --workdir DIR
     python -m bench._bridge midevent --target FILE --workdir DIR --http-port P --expect N --ready FILE
@@ -29,7 +30,7 @@ import sqlalchemy as sa
 
 from dr_bridge import http as bridge_http
 from dr_bridge.config import config_from_dict
-from dr_bridge.daemon import Bridge
+from dr_bridge.daemon import Bridge, tune_gc
 from dr_bridge.domain import Event, SignalInterval
 from dr_bridge.engine import PREFETCH_S
 
@@ -137,6 +138,8 @@ async def dispatch(args: argparse.Namespace) -> dict:
         _synchronous(bridge, args.sqlite_synchronous)
     probe.attach(bridge)
     await bridge.start()
+    if not args.default_gc:
+        tune_gc()  # as `dr-bridge run` does once started
     start = datetime.now(timezone.utc) + timedelta(seconds=PREFETCH_S + 3)
     await bridge.engine.handle_event(_event("bench-dispatch", start))
     deadline = start.timestamp() + args.max_seconds
@@ -159,6 +162,8 @@ async def midevent(args: argparse.Namespace) -> dict:
     bridge = _bridge(target, Path(args.workdir), args.http_port)
     probe.attach(bridge)
     await bridge.start()
+    if not args.default_gc:
+        tune_gc()
     await bridge.engine.handle_event(_event("bench-midevent", datetime.now(timezone.utc) - timedelta(seconds=1)))
     await bridge.engine.settle(timeout=120)  # the sessions already running hold their limits
     deadline = time.time() + 120
@@ -202,6 +207,8 @@ def main() -> None:
     parser.add_argument("--max-seconds", type=float, default=120.0)
     parser.add_argument("--sqlite-synchronous", choices=["NORMAL"], default=None,
                         help="diagnostic: SQLite's synchronous pragma for the event log (default: as shipped)")
+    parser.add_argument("--default-gc", action="store_true",
+                        help="diagnostic: leave Python's garbage collector as it comes, not as `dr-bridge run` sets it")
     args = parser.parse_args()
     logging.basicConfig(level=logging.CRITICAL)  # the unreachable VTN's retries are not the point here
     run = dispatch if args.mode == "dispatch" else midevent

@@ -92,10 +92,13 @@ def dispatch_rows(workdir: Path, sessions: int, latencies: list[int], transports
         for ms in latencies:
             sim.latency(ms)
             where = {"scenario": f"dispatch {sessions:,} sessions", "latency_ms": ms}
-            # The second, diagnostic row: the same path with SQLite's synchronous=NORMAL, to show how much
-            # of the event log's cost is its fsync per commit (the bridge ships with the default, FULL).
-            for client, extra in [("bridge", [])] + ([("bridge, SQLite synchronous=NORMAL",
-                                                         ["--sqlite-synchronous", "NORMAL"])] if transports else []):
+            # Diagnostic rows: the bridge with Python's garbage collector as it comes (`dr-bridge run` tunes
+            # it), and with SQLite's synchronous=NORMAL, to show how much of the event log's cost is its
+            # fsync per commit (the bridge ships with the default, FULL).
+            variants = [("bridge", []), ("bridge, Python's default GC", ["--default-gc"])]
+            if transports:
+                variants.append(("bridge, SQLite synchronous=NORMAL", ["--sqlite-synchronous", "NORMAL"]))
+            for client, extra in variants:
                 bridge_dir = Path(tempfile.mkdtemp(dir=workdir))
                 bridge = python("bench._bridge", "dispatch", "--target", str(sim.target), "--workdir",
                                 str(bridge_dir), "--max-seconds", "400", *extra, timeout=500)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from datetime import datetime, timedelta
@@ -16,6 +17,11 @@ from dr_bridge.reporting import Reporter, resource_power_kw
 from dr_bridge.store import Store, utcnow
 
 log = logging.getLogger("dr_bridge")
+
+# Collect the youngest generation after this many new container objects rather than Python's 700. At an
+# interval start with thousands of sessions, the default made the collector run every few calls, and each
+# full collection walked every object alive; bench/ measures both (the "default GC" row).
+GC_YOUNG_THRESHOLD = 10_000
 
 
 class StationConflict(Exception):
@@ -104,6 +110,18 @@ class Bridge:
         return left
 
 
+def tune_gc() -> int:
+    """Once the daemon has started: move what start-up made (modules, config, the ORM's and openleadr's
+    objects, which live as long as the process) out of the collector's sight, and collect less often.
+    Both cut the collector's share of the CPU and its pauses, which land on dispatch and on webhook
+    answers. Returns the number of objects frozen."""
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
+    return gc.get_freeze_count()
+
+
 async def run_daemon(cfg: Config, api_key: str, *, dry_run: bool, restore_on_exit: bool) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -116,6 +134,9 @@ async def run_daemon(cfg: Config, api_key: str, *, dry_run: bool, restore_on_exi
         await bridge.client.aclose()
         bridge.store.close()
         raise
+    frozen = tune_gc()
+    log.debug("garbage collector: %d start-up objects frozen, young generation collected every %d",
+              frozen, GC_YOUNG_THRESHOLD)
     log.info("dr-bridge running%s: VTN %s, eDRV %s, %d station(s)", " (dry run)" if bridge.engine.dry_run else "",
              cfg.vtn.url, cfg.edrv.base_url, len(bridge.engine.stations))
     await stop.wait()

@@ -1,0 +1,25 @@
+"""The daemon's garbage-collector settings (daemon.tune_gc), in a process of their own: freezing objects here
+would keep the whole test session's garbage alive. What they buy is measured in bench/, not here."""
+import json
+import subprocess
+import sys
+
+PROBE = """
+import gc, json
+from dr_bridge.daemon import GC_YOUNG_THRESHOLD, tune_gc
+before = gc.get_threshold()
+frozen = tune_gc()
+junk = [[] for _ in range(10)]  # made after start-up: the collector still sees it
+print(json.dumps({"before": before, "after": gc.get_threshold(), "frozen": frozen,
+                  "freeze_count": gc.get_freeze_count(), "tracked": gc.is_tracked(junk),
+                  "young": GC_YOUNG_THRESHOLD, "counted": gc.get_count()[0]}))
+"""
+
+
+def test_start_up_objects_are_frozen_and_the_young_generation_is_collected_less_often():
+    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True, timeout=60)
+    r = json.loads(out.stdout)
+    assert r["frozen"] == r["freeze_count"] > 10_000  # the imported modules and what they made
+    assert r["after"] == [r["young"], r["before"][1], r["before"][2]]  # only the youngest threshold moves
+    assert r["young"] > r["before"][0]
+    assert r["tracked"] and r["counted"] > 0  # objects made later are still collected as usual
