@@ -228,6 +228,21 @@ def test_the_url_built_without_parsing_is_the_one_parsing_gives(base, session_id
         str(parsed), parsed.raw_path, parsed.host, parsed.port)
 
 
+@settings(max_examples=200, deadline=None)
+@given(body=st.dictionaries(st.text(), st.one_of(st.integers(), st.floats(allow_nan=False), st.text())),
+       method=st.sampled_from(["POST", "PUT"]))
+def test_a_request_with_a_body_is_the_one_httpx_would_build(body, method):
+    client = EdrvClient("http://127.0.0.1:8080/v1.1", KEY)
+    url = client._url("sessions/65f1a2b3c4d5e6f7a8b9c0d1/set_power_limit", None)
+    content = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+    short = client._with_body(method, url, content)
+    usual = httpx.Request(method, url, content=content, headers=client._json_headers, extensions=client._timeout)
+    assert (short.method, short.url, short.headers.raw, short.headers.multi_items(), short.content,
+            short.extensions) == (usual.method, usual.url, usual.headers.raw, usual.headers.multi_items(),
+                                  usual.content, usual.extensions)
+    assert short.headers.encoding == usual.headers.encoding == "ascii"
+
+
 def test_a_plain_path_is_not_parsed_again(monkeypatch):
     client = EdrvClient("http://127.0.0.1:8080/v1.1", KEY)
 
