@@ -10,14 +10,16 @@ the two aiohttp transports on PyPI, `httpx-own-transport` on the bridge's (dr_br
 mapping) without the engine or the event log; `sequential` is plain httpx, one request at a time.
 
 Run as a subprocess so it never shares an event loop with the bridge. Prints one JSON line:
-{"client", "sent", "ok", "seconds", "rps"}. Both the count and the time are bounded: a slow client
-stops issuing requests after --max-seconds, and its rate is what it managed until then.
+{"client", "sent", "ok", "seconds", "rps", "cpu_us_per_request"} (the process's CPU time over the loop).
+Both the count and the time are bounded: a slow client stops issuing requests after --max-seconds, and
+its rate is what it managed until then.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import resource
 import time
 from pathlib import Path
 
@@ -52,6 +54,7 @@ async def run(kind: str, target: dict, concurrency: int, max_requests: int, max_
         concurrency = 1
     todo = iter(target["sessions"][:max_requests])
     sent = ok = 0
+    cpu_started = _cpu_s()
     started = time.monotonic()
     deadline = started + max_seconds
 
@@ -87,7 +90,13 @@ async def run(kind: str, target: dict, concurrency: int, max_requests: int, max_
                 return (await client.post(path, json=BODY)).status_code
             await asyncio.gather(*(worker(post) for _ in range(concurrency)))
     seconds = time.monotonic() - started
-    return {"client": kind, "sent": sent, "ok": ok, "seconds": round(seconds, 3), "rps": round(ok / seconds, 1)}
+    return {"client": kind, "sent": sent, "ok": ok, "seconds": round(seconds, 3), "rps": round(ok / seconds, 1),
+            "cpu_us_per_request": round(1e6 * (_cpu_s() - cpu_started) / max(1, sent))}
+
+
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:

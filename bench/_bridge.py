@@ -7,7 +7,8 @@ started as `dr-bridge run` starts it (its garbage collector tuned once started: 
 dispatch: an event received 8 s before its interval starts (utilities announce events minutes to a day
 ahead; 8 s leaves room for the engine's listing ahead of the boundary, PREFETCH_S), over every station;
 measures the interval start to the first set_power_limit sent and to the last one answered 2xx, the time
-spent inside the event log (on the event loop, and the group commits in the journal's thread), and peak RSS.
+spent inside the event log (on the event loop, and the group commits in the journal's thread), the
+process's CPU time per action over the same span, and peak RSS.
 midevent: an event already in force; for each session.started webhook, its receipt to the new session's
 set_power_limit being sent (both stamped here, one clock), and the session's start in the simulator to that
 send (wall clock, same machine: this includes the simulator's webhook queue). Prints one JSON line.
@@ -21,6 +22,7 @@ import argparse
 import asyncio
 import json
 import logging
+import resource
 import socket
 import time
 from datetime import datetime, timedelta, timezone
@@ -122,6 +124,12 @@ def _event(event_id: str, start: datetime) -> Event:
     return Event(event_id, 0, start, end, [SignalInterval("SIMPLE", "level", start, end, 2.0)])
 
 
+def _cpu_s() -> float:
+    """CPU seconds of this process, every thread: the event loop and the event log's worker thread."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _peak_rss_mb() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -141,10 +149,13 @@ async def dispatch(args: argparse.Namespace) -> dict:
     if not args.default_gc:
         tune_gc()  # as `dr-bridge run` does once started
     start = datetime.now(timezone.utc) + timedelta(seconds=PREFETCH_S + 3)
+    cpu_at_start: list[float] = []
+    asyncio.get_running_loop().call_later(start.timestamp() - time.time(), lambda: cpu_at_start.append(_cpu_s()))
     await bridge.engine.handle_event(_event("bench-dispatch", start))
     deadline = start.timestamp() + args.max_seconds
     while len(probe.acked) < n and time.time() < deadline:
         await asyncio.sleep(0.05)
+    cpu_s = _cpu_s() - cpu_at_start[0]
     store_s, rss = probe.store_s, _peak_rss_mb()
     recorded = sum(bridge.store.action_counts().values())
     await bridge.stop()
@@ -152,6 +163,7 @@ async def dispatch(args: argparse.Namespace) -> dict:
     first = min(probe.sent.values()) - start.timestamp() if probe.sent else float("nan")
     return {"sessions": n, "acked": len(probe.acked), "seconds": round(seconds, 3), "first_sent_s": round(first, 3),
             "rps": round(len(probe.acked) / seconds, 1), "store_s": round(store_s, 3),
+            "cpu_us_per_action": round(1e6 * cpu_s / max(1, len(probe.acked))),
             "actions_recorded": recorded, "peak_rss_mb": rss}
 
 

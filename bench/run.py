@@ -104,7 +104,8 @@ def dispatch_rows(workdir: Path, sessions: int, latencies: list[int], transports
                                 str(bridge_dir), "--max-seconds", "400", *extra, timeout=500)
                 rows.append({**where, "client": client, "ok": bridge["acked"], "seconds": bridge["seconds"],
                              "rps": bridge["rps"], "store_s": bridge["store_s"],
-                             "actions_recorded": bridge["actions_recorded"], "peak_rss_mb": bridge["peak_rss_mb"]})
+                             "actions_recorded": bridge["actions_recorded"], "peak_rss_mb": bridge["peak_rss_mb"],
+                             "cpu_us_per_action": bridge["cpu_us_per_action"]})
             clients = ["aiohttp", "httpx", "sequential"]
             if transports:
                 clients += ["httpx-aiohttp", "httpx-aiohttptransport", "httpx-own-transport", "edrv-client"]
@@ -112,7 +113,8 @@ def dispatch_rows(workdir: Path, sessions: int, latencies: list[int], transports
                 seconds = "8" if client == "sequential" else "15"
                 r = python("bench._baseline", client, "--target", str(sim.target), "--concurrency",
                            str(CONCURRENCY), "--max-requests", str(sessions), "--max-seconds", seconds, timeout=120)
-                rows.append({**where, "client": client, "ok": r["ok"], "seconds": r["seconds"], "rps": r["rps"]})
+                rows.append({**where, "client": client, "ok": r["ok"], "seconds": r["seconds"], "rps": r["rps"],
+                             "cpu_us_per_request": r["cpu_us_per_request"]})
     finally:
         sim.stop()
     return rows
@@ -181,9 +183,12 @@ def table(rows: list[dict], judged: list[dict]) -> str:
         if "rps" in r:
             base = next((x["rps"] for x in rows if x["scenario"] == r["scenario"]
                          and x["latency_ms"] == r["latency_ms"] and x["client"] == "aiohttp"), None)
-            notes = "stopped at its time bound" if r["ok"] < int(r["scenario"].split()[1].replace(",", "")) else ""
+            notes = "; ".join(([f"CPU {r['cpu_us_per_request']} µs/request"] if "cpu_us_per_request" in r else [])
+                              + (["stopped at its time bound"]
+                                 if r["ok"] < int(r["scenario"].split()[1].replace(",", "")) else []))
             if r["client"].startswith("bridge"):
-                notes = (f"event log {r['store_s']:.1f} s ({1000 * r['store_s'] / max(1, r['ok']):.1f} "
+                cpu = f"CPU {r['cpu_us_per_action']} µs/action, " if "cpu_us_per_action" in r else ""
+                notes = (f"{cpu}event log {r['store_s']:.1f} s ({1000 * r['store_s'] / max(1, r['ok']):.1f} "
                          f"ms/action), {r['actions_recorded']:,} actions recorded, peak RSS {r['peak_rss_mb']:.0f} MB")
             lines.append(f"| {r['scenario']} | {r['latency_ms']} ms | {r['client']} | {r['ok']:,} | {r['seconds']:.2f} "
                          f"| {r['rps']:,.0f} | {r['rps'] / base:.2f} | {notes} |" if base else "")
