@@ -40,6 +40,26 @@ async def test_concurrent_writes_share_commits_and_are_durable_when_awaited(db_u
     store.close()
 
 
+async def test_the_first_writers_of_a_burst_are_committed_first_in_a_small_batch(db_url):
+    """At an interval start every session's write arrives at once; the first calls must not wait for all."""
+    store = Store.open(db_url, bridge="b")
+    batches: list[int] = []
+    journal = Journal(store, max_batch=500, first_batch=32)
+    write_batch = journal.write_batch
+    journal.write_batch = lambda writes: batches.append(len(writes)) or write_batch(writes)
+    done: list[int] = []
+
+    async def one(i: int) -> None:
+        await journal.write(("add_action", action(f"S{i:04d}"), {}))
+        done.append(i)
+
+    await asyncio.gather(*(one(i) for i in range(1200)))
+    assert batches == [32, 64, 128, 256, 500, 220]  # doubling up to the largest batch
+    assert sorted(done[:32]) == list(range(32))  # the first 32 heard of their commit before anyone else
+    assert [a.session_id for a in store.actions()] == [f"S{i:04d}" for i in range(1200)]
+    store.close()
+
+
 async def test_a_bad_write_fails_only_its_writer(db_url):
     store = Store.open(db_url, bridge="b")
     journal = Journal(store)
