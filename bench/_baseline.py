@@ -54,7 +54,7 @@ async def run(kind: str, target: dict, concurrency: int, max_requests: int, max_
         concurrency = 1
     todo = iter(target["sessions"][:max_requests])
     sent = ok = 0
-    cpu_started = _cpu_s()
+    cpu_started = cpu_seconds()
     started = time.monotonic()
     deadline = started + max_seconds
 
@@ -91,10 +91,11 @@ async def run(kind: str, target: dict, concurrency: int, max_requests: int, max_
             await asyncio.gather(*(worker(post) for _ in range(concurrency)))
     seconds = time.monotonic() - started
     return {"client": kind, "sent": sent, "ok": ok, "seconds": round(seconds, 3), "rps": round(ok / seconds, 1),
-            "cpu_us_per_request": round(1e6 * (_cpu_s() - cpu_started) / max(1, sent))}
+            "cpu_us_per_request": round(1e6 * (cpu_seconds() - cpu_started) / max(1, sent))}
 
 
-def _cpu_s() -> float:
+def cpu_seconds() -> float:
+    """CPU seconds of this process, every thread (the bridge's: its event loop and the event log's worker)."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
 

@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import json
 import logging
-import resource
 import socket
 import time
 from datetime import datetime, timedelta, timezone
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
+from bench._baseline import cpu_seconds
 from dr_bridge import http as bridge_http
 from dr_bridge.config import config_from_dict
 from dr_bridge.daemon import Bridge, tune_gc
@@ -110,6 +110,13 @@ def _bridge(target: dict, workdir: Path, http_port: int | None) -> Bridge:
     return Bridge(cfg, target["api_key"], http=http_port is not None)
 
 
+async def _start(bridge: Bridge, probe: Probe, args: argparse.Namespace) -> None:
+    probe.attach(bridge)
+    await bridge.start()
+    if not args.default_gc:
+        tune_gc()  # as `dr-bridge run` does once started
+
+
 def _synchronous(bridge: Bridge, mode: str) -> None:
     """A diagnostic only: how much of the event log's cost is SQLite's fsync per commit."""
     @sa.event.listens_for(bridge.store.engine, "connect")
@@ -122,12 +129,6 @@ def _synchronous(bridge: Bridge, mode: str) -> None:
 def _event(event_id: str, start: datetime) -> Event:
     end = start + timedelta(hours=1)
     return Event(event_id, 0, start, end, [SignalInterval("SIMPLE", "level", start, end, 2.0)])
-
-
-def _cpu_s() -> float:
-    """CPU seconds of this process, every thread: the event loop and the event log's worker thread."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def _peak_rss_mb() -> float:
@@ -144,18 +145,16 @@ async def dispatch(args: argparse.Namespace) -> dict:
     bridge = _bridge(target, Path(args.workdir), None)  # no webhooks: the baselines get none either
     if args.sqlite_synchronous:
         _synchronous(bridge, args.sqlite_synchronous)
-    probe.attach(bridge)
-    await bridge.start()
-    if not args.default_gc:
-        tune_gc()  # as `dr-bridge run` does once started
+    await _start(bridge, probe, args)
     start = datetime.now(timezone.utc) + timedelta(seconds=PREFETCH_S + 3)
     cpu_at_start: list[float] = []
-    asyncio.get_running_loop().call_later(start.timestamp() - time.time(), lambda: cpu_at_start.append(_cpu_s()))
+    asyncio.get_running_loop().call_later(start.timestamp() - time.time(),
+                                          lambda: cpu_at_start.append(cpu_seconds()))
     await bridge.engine.handle_event(_event("bench-dispatch", start))
     deadline = start.timestamp() + args.max_seconds
     while len(probe.acked) < n and time.time() < deadline:
         await asyncio.sleep(0.05)
-    cpu_s = _cpu_s() - cpu_at_start[0]
+    cpu_s = cpu_seconds() - cpu_at_start[0]
     store_s, rss = probe.store_s, _peak_rss_mb()
     recorded = sum(bridge.store.action_counts().values())
     await bridge.stop()
@@ -172,10 +171,7 @@ async def midevent(args: argparse.Namespace) -> dict:
     probe = Probe()
     probe.watch_webhooks()
     bridge = _bridge(target, Path(args.workdir), args.http_port)
-    probe.attach(bridge)
-    await bridge.start()
-    if not args.default_gc:
-        tune_gc()
+    await _start(bridge, probe, args)
     await bridge.engine.handle_event(_event("bench-midevent", datetime.now(timezone.utc) - timedelta(seconds=1)))
     await bridge.engine.settle(timeout=120)  # the sessions already running hold their limits
     deadline = time.time() + 120

@@ -183,9 +183,10 @@ def table(rows: list[dict], judged: list[dict]) -> str:
         if "rps" in r:
             base = next((x["rps"] for x in rows if x["scenario"] == r["scenario"]
                          and x["latency_ms"] == r["latency_ms"] and x["client"] == "aiohttp"), None)
-            notes = "; ".join(([f"CPU {r['cpu_us_per_request']} µs/request"] if "cpu_us_per_request" in r else [])
-                              + (["stopped at its time bound"]
-                                 if r["ok"] < int(r["scenario"].split()[1].replace(",", "")) else []))
+            notes = [f"CPU {r['cpu_us_per_request']} µs/request"] if "cpu_us_per_request" in r else []
+            if r["ok"] < int(r["scenario"].split()[1].replace(",", "")):
+                notes.append("stopped at its time bound")
+            notes = "; ".join(notes)
             if r["client"].startswith("bridge"):
                 cpu = f"CPU {r['cpu_us_per_action']} µs/action, " if "cpu_us_per_action" in r else ""
                 notes = (f"{cpu}event log {r['store_s']:.1f} s ({1000 * r['store_s'] / max(1, r['ok']):.1f} "

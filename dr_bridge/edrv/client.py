@@ -98,7 +98,6 @@ class EdrvClient:
         self._base_ref = getattr(base, "_uri_reference", None)
         self._base_path = base.path.rstrip("/")
         self._json_headers = httpx.Headers([*self._headers.raw, (b"Content-Type", b"application/json")])
-        self._header_encoding = self._json_headers.encoding  # worked out once, not per request: _with_body
 
     def __repr__(self) -> str:
         return f"EdrvClient(base_url={self.base_url!r}, api_key='***')"
@@ -236,7 +235,7 @@ class EdrvClient:
         given content, httpx normalises the headers, works out their encoding (decoding each one), adds the
         content headers and builds them all again, and the transport decodes them once more: about 15 µs of a
         limit call's CPU. A stream leaves the headers as given; ours are copied with their encoding known."""
-        headers = httpx.Headers(self._json_headers, encoding=self._header_encoding)
+        headers = httpx.Headers(self._json_headers, encoding=self._json_headers.encoding)  # worked out once
         headers["Content-Length"] = str(len(content))
         request = httpx.Request(method, url, stream=httpx.ByteStream(content), extensions=self._timeout)
         request.headers = headers
