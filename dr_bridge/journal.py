@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
@@ -38,7 +40,7 @@ class Journal:
         self.first_batch = min(first_batch, max_batch)
         self._queue: list[tuple[list[Write], asyncio.Future]] = []
         self._writer: asyncio.Task | None = None
-        self._statements: dict[tuple[str, tuple[str, ...]], Any] = {}
+        self._statements: dict[tuple[str, tuple[str, ...]], _Prepared] = {}
 
     async def write(self, *writes: Write) -> list[Any]:
         """Commit these writes (together, in order, with whatever else is queued); their results."""
@@ -91,9 +93,10 @@ class Journal:
             await asyncio.gather(self._writer, return_exceptions=True)
 
     def write_batch(self, writes: list[Write]) -> list[Any]:
-        """The writes in one transaction, one executemany per kind of write (and set of columns): plain SQL
-        rather than the ORM, whose per-row SELECTs and change tracking, holding the GIL the event loop
-        needs, cost many times the writes themselves. Returns each write's result."""
+        """The writes in one transaction, one executemany per kind of write (and set of columns), straight to
+        the database driver: SQLAlchemy compiles each statement once (_Prepared), but its per-row work (bind
+        processing, defaults, one statement per row for ordered ids on SQLite), holding the GIL the event
+        loop needs, cost several times the writes themselves. Returns each write's result."""
         bridge, now = self.store.bridge, utcnow()
         out: list[Any] = [None] * len(writes)
         runs: dict[Any, list[tuple[int, dict[str, Any]]]] = {}
@@ -113,6 +116,7 @@ class Journal:
                     if kind == "add_action":
                         params = {"at": now, **params, "updated_at": now}
                     elif kind == "webhook":
+                        params = {"received_at": now, **params}
                         out[i] = key["id"] not in duplicates
                         if not out[i]:
                             continue
@@ -124,14 +128,18 @@ class Journal:
                     params = {"w_id": key, "w_bridge": bridge}
                 else:
                     raise ValueError(f"unknown write {kind!r}")
-                statement = (kind, tuple(key) if isinstance(key, dict) else tuple(fields))
+                statement = (kind, tuple(fields) if kind in ("state", "update_action") else ())
                 runs.setdefault((statement, i) if one_by_one else statement, []).append((i, params))
+            bound_now: dict[Any, Any] = {}  # `now`, as each converter gives it: worked out once a batch
             for run, items in runs.items():
                 (kind, columns) = run[0] if one_by_one else run
-                result = conn.execute(self._statement(kind, columns), [params for _, params in items])
+                prepared = self._prepared(kind, columns)
+                values = [prepared.values(params, now, bound_now) for _, params in items]
                 if kind == "add_action":
-                    for (i, _), new_id in zip(items, result.scalars(), strict=True):
+                    for (i, _), new_id in zip(items, prepared.insert_ids(conn, values), strict=True):
                         out[i] = new_id
+                else:
+                    conn.exec_driver_sql(prepared.sql, values)
         return out
 
     def _known_webhooks(self, conn: sa.Connection, writes: list[Write]) -> set[str]:
@@ -142,37 +150,99 @@ class Journal:
         q = sa.select(t.c.id).where(t.c.bridge == self.store.bridge, t.c.id.in_(ids))
         return set(conn.execute(q).scalars())
 
-    def _statement(self, kind: str, columns: tuple[str, ...]) -> Any:
-        """The statement for this kind of write and set of columns, built once."""
+    def _prepared(self, kind: str, columns: tuple[str, ...]) -> _Prepared:
+        """The statement for this kind of write and set of columns, compiled once."""
         cached = self._statements.get((kind, columns))
         if cached is not None:
             return cached
-        dialect = postgresql if self.store.engine.dialect.name == "postgresql" else sqlite
-        if kind == "state":
-            t = SessionState.__table__
-            insert = dialect.insert(t)
-            # Only the columns given change on an existing row.
-            statement = insert.on_conflict_do_update(
-                index_elements=[t.c.bridge, t.c.session_id],
-                set_={c: insert.excluded[c] for c in (*columns, "updated_at")})
-        elif kind == "add_action":
-            t = ActionRow.__table__
-            statement = sa.insert(t).returning(t.c.id, sort_by_parameter_order=True)  # ids in the writes' order
-        elif kind == "update_action":
-            t = ActionRow.__table__
-            statement = (sa.update(t).where(t.c.id == sa.bindparam("w_id"), t.c.bridge == sa.bindparam("w_bridge"))
-                         .values({c: sa.bindparam(f"v_{c}") for c in (*columns, "updated_at")}))
-        elif kind == "webhook":
-            # Another process of this bridge may have stored it meanwhile: a duplicate, not an error.
-            statement = dialect.insert(WebhookRow.__table__).on_conflict_do_nothing()
-        elif kind == "webhook_processed":
-            t = WebhookRow.__table__
-            statement = (sa.update(t).where(t.c.id == sa.bindparam("w_id"), t.c.bridge == sa.bindparam("w_bridge"))
-                         .values(processed=True))
+        dialect = self.store.engine.dialect
+        insert = postgresql.insert if dialect.name == "postgresql" else sqlite.insert
+        binds: dict[str, sa.Column] = {}  # bind name -> the column it writes or matches
+
+        def bind(column: sa.Column, name: str | None = None) -> sa.BindParameter:
+            binds[name or column.name] = column
+            return sa.bindparam(name or column.name, type_=column.type)
+
+        if kind in ("state", "add_action", "webhook", "reading"):
+            t = {"state": SessionState, "add_action": ActionRow, "webhook": WebhookRow,
+                 "reading": ReadingRow}[kind].__table__
+            # Every column but a generated id: the ones a write leaves out get their defaults (_Prepared).
+            statement = insert(t).values({c.name: bind(c) for c in t.c if c is not t.autoincrement_column})
+            if kind == "state":  # only the columns given change on an existing row
+                statement = statement.on_conflict_do_update(
+                    index_elements=[t.c.bridge, t.c.session_id],
+                    set_={c: statement.excluded[c] for c in (*columns, "updated_at")})
+            elif kind == "webhook":  # another process of this bridge may have stored it meanwhile
+                statement = statement.on_conflict_do_nothing()
+            elif kind == "add_action":
+                statement = statement.returning(t.c.id)
         else:
-            statement = sa.insert(ReadingRow.__table__)
-        self._statements[(kind, columns)] = statement
-        return statement
+            t = ActionRow.__table__ if kind == "update_action" else WebhookRow.__table__
+            changes = ({c: bind(t.c[c], f"v_{c}") for c in (*columns, "updated_at")} if kind == "update_action"
+                       else {"processed": sa.true()})
+            statement = (sa.update(t).where(t.c.id == bind(t.c.id, "w_id"), t.c.bridge == bind(t.c.bridge, "w_bridge"))
+                         .values(changes))
+        prepared = self._statements[(kind, columns)] = _Prepared.compile(statement, binds, dialect)
+        return prepared
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """One statement as the driver takes it, and how a write's fields become the driver's values."""
+
+    sql: str
+    names: tuple[str, ...]  # the bind names, in the order of the statement's placeholders
+    named: bool  # the driver takes each row as a dict (psycopg's %(name)s) rather than a tuple (sqlite3's ?)
+    defaults: tuple[Any, ...]  # each bind's column default, for a write that leaves it out (None: none)
+    converters: tuple[tuple[int, Callable[[Any], Any]], ...]  # (bind's index, its column type's conversion)
+    postgresql: bool
+
+    @classmethod
+    def compile(cls, statement: Any, binds: dict[str, sa.Column], dialect: sa.Dialect) -> _Prepared:
+        compiled = statement.compile(dialect=dialect)
+        names = tuple(compiled.positiontup) if compiled.positiontup is not None else tuple(compiled.binds)
+        if getattr(compiled, "escaped_bind_names", None) or set(names) - set(binds):
+            raise RuntimeError(f"unexpected bind names in {compiled.string!r}")  # a SQLAlchemy change; not data
+        columns = [binds[name] for name in names]
+        defaults = tuple(c.default.arg if c.default is not None and c.default.is_scalar else None for c in columns)
+        # What SQLAlchemy itself applies: the dialect's form of each type (UTC datetimes as SQLite's text).
+        converters = tuple((i, conv) for i, c in enumerate(columns)
+                           if (conv := c.type.dialect_impl(dialect).bind_processor(dialect)) is not None)
+        return cls(compiled.string, names, compiled.positiontup is None, defaults, converters,
+                   dialect.name == "postgresql")
+
+    def values(self, params: dict[str, Any], now: Any, bound_now: dict[Any, Any]) -> tuple | dict:
+        """A write's fields as the driver's values; `now` converted once a batch (bound_now holds it)."""
+        row = [params.get(name, default) for name, default in zip(self.names, self.defaults)]
+        for i, convert in self.converters:
+            value = row[i]
+            if value is now:
+                if convert not in bound_now:
+                    bound_now[convert] = convert(now)
+                row[i] = bound_now[convert]
+            elif value is not None:
+                row[i] = convert(value)
+        return dict(zip(self.names, row)) if self.named else tuple(row)
+
+    def insert_ids(self, conn: sa.Connection, values: list) -> list[int]:
+        """Insert these rows; their new ids, in order."""
+        cursor = conn.connection.cursor()
+        try:
+            if self.postgresql:  # one round trip, the ids in the rows' order (psycopg's pipeline)
+                cursor.executemany(self.sql, values, returning=True)
+                ids = []
+                while True:
+                    ids.append(cursor.fetchone()[0])
+                    if not cursor.nextset():
+                        return ids
+            # SQLite's multi-row RETURNING does not promise the rows' order; one by one it is cheap, in-process.
+            ids = []
+            for row in values:
+                cursor.execute(self.sql, row)
+                ids.append(cursor.fetchone()[0])
+            return ids
+        finally:
+            cursor.close()
 
 
 def _settle(future: asyncio.Future, result: Any = None, exc: BaseException | None = None) -> None:

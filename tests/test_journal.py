@@ -3,10 +3,10 @@ order is kept, and one bad write fails only its own writer."""
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 from dr_bridge.journal import Journal
-from dr_bridge.store import Store
+from dr_bridge.store import ActionRow, ReadingRow, SessionState, Store, WebhookRow
 
 
 def action(session_id: str) -> dict:
@@ -116,3 +116,33 @@ async def test_webhooks_are_stored_once_however_often_delivered_and_readings_fol
     assert [w.id for w in store.unprocessed_webhooks()] == ["W2"]
     assert [(r.session_id, r.power_kw) for r in store.readings()] == [("S1", 7.4)]
     store.close()
+
+
+def test_rows_are_stored_exactly_as_sqlalchemy_stores_them(db_url):
+    """The journal hands rows to the driver itself; what lands must be what the ORM would have stored
+    (defaults, NULLs, booleans, and datetimes in the dialect's own form), so the two kinds of rows sort,
+    compare and read back alike."""
+    orm, journal_store = Store.open(db_url, bridge="orm"), Store.open(db_url, bridge="journal")
+    at = datetime(2026, 12, 1, 17, 0, 0, tzinfo=timezone(timedelta(hours=2)))  # whole seconds, not UTC
+    a = dict(event_id="E1", at=at, session_id="S1", chargestation_id="C1", resource_id="r", kind="set_power_limit",
+             purpose="limit", unit="current", limit=16.5)
+    hook = dict(id="W1", type="session.updated", received_at=at, created_at=None, body="{}")
+    reading = dict(at=at, session_id="S1", chargestation_id="C1", power_kw=7.4, current_a=None)
+    orm.add_action(ActionRow(**a, updated_at=at))
+    orm.add_webhook(WebhookRow(**hook))
+    orm.add_reading(ReadingRow(**reading))
+    with orm.session() as s:
+        s.add(SessionState(bridge="orm", session_id="S1", chargestation_id="", resource_id="", ended=True,
+                           updated_at=at))
+        s.commit()
+    Journal(journal_store).write_batch([("add_action", a, {}), ("webhook", hook, {}), ("reading", reading, {}),
+                                        ("state", "S1", {"ended": True})])
+    with orm.engine.connect() as conn:  # the stored values, as the driver reads them back
+        for table, skip in (("actions", {"id", "updated_at"}), ("webhooks", set()), ("readings", {"id"}),
+                            ("session_state", {"updated_at"})):
+            rows = conn.exec_driver_sql(f"SELECT * FROM {table} ORDER BY bridge").mappings().all()
+            stored = [{k: v for k, v in row.items() if k not in skip | {"bridge"}} for row in rows]
+            assert [row["bridge"] for row in rows] == ["journal", "orm"], table
+            assert stored[0] == stored[1], table
+    orm.close()
+    journal_store.close()
