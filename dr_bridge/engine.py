@@ -124,7 +124,7 @@ class Engine:
         self.scheduler.start()
         for live in self.events.values():
             self._schedule(live)
-        self.scheduler.add_job(self.kick, "interval", seconds=self.cfg.edrv.reconcile_interval_s,
+        self.scheduler.add_job(self._scheduled_kick, "interval", seconds=self.cfg.edrv.reconcile_interval_s,
                                id="reconcile", replace_existing=True)
         self.scheduler.add_job(self._apply_operator_opt_outs, "interval", seconds=2, id="opt-outs",
                                replace_existing=True)
@@ -173,6 +173,12 @@ class Engine:
         self._full = True
         self._idle.clear()
         self._dirty.set()
+
+    async def _scheduled_kick(self) -> None:
+        """kick(), as a scheduler job. A coroutine, so APScheduler runs it on the event loop: a plain function
+        it would run in a worker thread, whose flag and Event writes could race the engine's loop and lose
+        a boundary's pass."""
+        self.kick()
 
     def kick_stations(self, station_ids: set[str]) -> None:
         """Ask for a pass over these stations only, trusting what webhooks said ran there: a session starting
@@ -298,7 +304,7 @@ class Engine:
         stations = sorted(live.station_ids)
         for i, t in enumerate(schedule.boundaries(live.event, live.offset_s, self.cfg.bridge.max_event_hours)):
             if t > now:
-                self.scheduler.add_job(self.kick, "date", run_date=t, id=f"{prefix}{i}",
+                self.scheduler.add_job(self._scheduled_kick, "date", run_date=t, id=f"{prefix}{i}",
                                        misfire_grace_time=None)
             if t - timedelta(seconds=PREFETCH_S) > now:
                 self.scheduler.add_job(self._prefetch, "date", run_date=t - timedelta(seconds=PREFETCH_S),
@@ -520,7 +526,8 @@ class Engine:
 
     def _wake_at(self, when: datetime, event_id: str) -> None:
         if self.scheduler.running:
-            self.scheduler.add_job(self.kick, "date", run_date=when, id=f"{event_id}@restore-{when.isoformat()}",
+            self.scheduler.add_job(self._scheduled_kick, "date", run_date=when,
+                                   id=f"{event_id}@restore-{when.isoformat()}",
                                    replace_existing=True, misfire_grace_time=None)
 
     def _spreading_events(self) -> list[EventRow]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -270,3 +271,16 @@ async def test_limits_at_an_interval_start_go_out_before_any_listing_and_a_late_
     assert by_session == {first: [("set_power_limit", 16), ("set_power_limit", 8), ("clear_power_limit", None)],
                           late: [("set_power_limit", 8), ("clear_power_limit", None)]}
     assert bridge.store.session_states(limited_only=True) == []
+
+
+@pytest.mark.parametrize("rig", [one_station()], indirect=True)
+async def test_the_scheduled_passes_run_on_the_engines_own_event_loop(rig, bridge):
+    """A boundary's pass is asked for by a scheduler job. Run in a worker thread, its writes to the engine's
+    flags could race the engine's loop and lose that pass: the limit or the restore would not go out."""
+    threads: list[int] = []
+    kick = bridge.engine.kick
+    bridge.engine.kick = lambda: threads.append(threading.get_ident()) or kick()
+    start = soon(2)
+    rig.vtn.add_event(bridge.ven.ven_id, intervals=[(start, timedelta(seconds=2), 2)])
+    await wait_for(lambda: a_calls(rig) == [("set_power_limit", 16), ("clear_power_limit", None)], 15)
+    assert len(threads) >= 2 and set(threads) == {threading.get_ident()}  # the start's and the end's, at least
