@@ -345,7 +345,11 @@ class Dispatcher:
                 await self._update(action_id, attempts=attempts, detail=f"{exc}; retrying"[:500])
                 await self._wait(slot, self._backoff(attempts))
                 continue
-            await self._update(action_id, status="requested", attempts=attempts, edrv_action_id=action.id, detail="")
+            # Not awaited (it shares a later commit): nothing waits on it, a restart re-sends what a limited
+            # session should hold whatever its action row says, and an outcome webhook that comes first is
+            # looked up again shortly (Engine._action_outcome).
+            self.journal.submit(("update_action", action_id, dict(status="requested", attempts=attempts,
+                                                                  edrv_action_id=action.id, detail="")))
             return "ok"
 
     async def _session_gone(self, session_id: str) -> bool:

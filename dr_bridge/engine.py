@@ -188,9 +188,10 @@ class Engine:
         self._dirty.set()
 
     async def settle(self, timeout: float = 10.0) -> None:
-        """Wait until the latest recompute ran and dispatch is idle (tests and the demo)."""
+        """Wait until the latest recompute ran, dispatch is idle and its event log written (tests and the demo)."""
         await asyncio.wait_for(self._idle.wait(), timeout)
         await self.dispatcher.drain(timeout)
+        await asyncio.wait_for(self.journal.flush(), timeout)
 
     async def _loop(self) -> None:
         while True:

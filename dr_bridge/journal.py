@@ -1,9 +1,10 @@
 """Group commit for the event log's high-volume writes: the dispatcher's, and eDRV's webhooks.
 
-Every write still waits for its commit (a session is marked limited before its limit is sent, an action is
-recorded before the call, a webhook is stored before eDRV hears 200), but the writes of everything in flight
-share one transaction, run in a worker thread: one commit per batch instead of several per call, and none
-of it on the event loop. With 32 calls in flight, or hundreds of energy reports a second, the event log no
+What must be durable before the bridge acts waits for its commit (write(): a session is marked limited
+before its limit is sent, an action is recorded before the call, a webhook is stored before eDRV hears
+200); what may lag its cause goes with a later commit (submit(): a call's answer, a reading). The writes
+of everything in flight share one transaction, run in a worker thread: one commit per batch instead of
+several per call, and none of it on the event loop. With 32 calls in flight, or hundreds of energy reports a second, the event log no
 longer sets the pace.
 
 Writes, as (kind, key, fields):
@@ -31,35 +32,50 @@ log = logging.getLogger("dr_bridge.journal")
 
 Write = tuple[str, Any, dict[str, Any]]
 _ROW_IDENTITY = {"state", "update_action", "webhook_processed"}  # kinds whose key names an existing row
+LAG_S = 0.05  # how long a submitted write may wait for others to share its commit
 
 
 class Journal:
-    def __init__(self, store: Store, max_batch: int = 500, first_batch: int = 32):
+    def __init__(self, store: Store, max_batch: int = 500, first_batch: int = 32, lag_s: float = LAG_S):
         self.store = store
         self.max_batch = max_batch
         self.first_batch = min(first_batch, max_batch)
+        self.lag_s = lag_s
         self._queue: list[tuple[list[Write], asyncio.Future]] = []
         self._writer: asyncio.Task | None = None
+        self._lag: asyncio.TimerHandle | None = None
         self._statements: dict[tuple[str, tuple[str, ...]], _Prepared] = {}
 
     async def write(self, *writes: Write) -> list[Any]:
-        """Commit these writes (together, in order, with whatever else is queued); their results."""
-        return await self._enqueue(writes)
+        """Commit these writes (together, in order, with whatever else is queued) now; their results."""
+        future = self._enqueue(writes)
+        self._start()
+        return await future
 
     def submit(self, *writes: Write) -> asyncio.Future:
         """Queue these writes without waiting (a failure is logged); the future settles once committed.
-        For what may lag its cause by a few ms (a reading, a webhook marked processed, a charger's answer)
-        but must not cost the event loop a commit."""
+        For what may lag its cause (a reading, a webhook marked processed, a call's or a charger's answer)
+        but must not cost the event loop a commit: they go with the next write() or commit already under
+        way, or after lag_s at the latest. Each commit costs its fsync and a batch's own work, and with 20 ms
+        per eDRV call the answers trickle in one by one: committed at once, that was a commit per call."""
         future = self._enqueue(writes)
+        if self._lag is None and (self._writer is None or self._writer.done()):
+            self._lag = asyncio.get_running_loop().call_later(self.lag_s, self._start)
         future.add_done_callback(_log_failure)
         return future
 
     def _enqueue(self, writes: tuple[Write, ...]) -> asyncio.Future:
         future = asyncio.get_running_loop().create_future()
         self._queue.append((list(writes), future))
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._drain(), name="journal")
         return future
+
+    def _start(self) -> None:
+        """Commit what is queued now (a commit under way takes it next)."""
+        if self._lag is not None:
+            self._lag.cancel()
+            self._lag = None
+        if self._queue and (self._writer is None or self._writer.done()):
+            self._writer = asyncio.create_task(self._drain(), name="journal")
 
     async def _drain(self) -> None:
         # The first batch is small and each one after doubles: at an interval start every session's first
@@ -88,7 +104,8 @@ class Journal:
                 i += len(writes)
 
     async def flush(self) -> None:
-        """Wait until everything queued is committed (or has failed)."""
+        """Commit everything queued, and wait until it is committed (or has failed)."""
+        self._start()
         if self._writer is not None:
             await asyncio.gather(self._writer, return_exceptions=True)
 

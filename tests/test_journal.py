@@ -146,3 +146,30 @@ def test_rows_are_stored_exactly_as_sqlalchemy_stores_them(db_url):
             assert stored[0] == stored[1], table
     orm.close()
     journal_store.close()
+
+
+async def test_submitted_writes_wait_to_share_a_commit_but_not_past_the_lag_or_a_flush(db_url):
+    """A call's answer, say, need not be committed at once: it goes with the next write() (which commits at
+    once), or after lag_s at the latest, or at a flush (a stop)."""
+    store = Store.open(db_url, bridge="b")
+    batches: list[list[str]] = []
+    journal = Journal(store, lag_s=0.4)
+    write_batch = journal.write_batch
+    journal.write_batch = lambda writes: batches.append([k["session_id"] for _, k, _ in writes]) or write_batch(writes)
+
+    first, second = journal.submit(("add_action", action("S1"), {})), journal.submit(("add_action", action("S2"), {}))
+    await asyncio.sleep(0.1)
+    assert not first.done() and batches == [] and store.actions() == []  # waiting for company
+    await journal.write(("add_action", action("S3"), {}))
+    assert first.done() and second.done() and batches == [["S1", "S2", "S3"]]  # all in the write's commit
+
+    started = asyncio.get_running_loop().time()
+    await asyncio.wait_for(journal.submit(("add_action", action("S4"), {})), 5)
+    assert asyncio.get_running_loop().time() - started >= 0.35 and batches[1:] == [["S4"]]  # on its own after lag_s
+
+    last = journal.submit(("add_action", action("S5"), {}))
+    started = asyncio.get_running_loop().time()
+    await journal.flush()
+    assert last.done() and asyncio.get_running_loop().time() - started < 0.3 and batches[2:] == [["S5"]]
+    assert [a.session_id for a in store.actions()] == ["S1", "S2", "S3", "S4", "S5"]
+    store.close()
