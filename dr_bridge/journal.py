@@ -4,8 +4,8 @@ What must be durable before the bridge acts waits for its commit (write(): a ses
 before its limit is sent, an action is recorded before the call, a webhook is stored before eDRV hears
 200); what may lag its cause goes with a later commit (submit(): a call's answer, a reading). The writes
 of everything in flight share one transaction, run in a worker thread: one commit per batch instead of
-several per call, and none of it on the event loop. With 32 calls in flight, or hundreds of energy reports a second, the event log no
-longer sets the pace.
+several per call, and none of it on the event loop. With 32 calls in flight, or hundreds of energy reports
+a second, the event log no longer sets the pace.
 
 Writes, as (kind, key, fields):
     ("state", session_id, fields)          upsert the session's durable state (only the fields given)

@@ -105,7 +105,7 @@ class ActionRow(SQLModel, table=True):
     purpose: str  # limit | restore
     unit: Optional[str] = None
     limit: Optional[float] = None
-    status: str = "planned"  # see CONTRACT.md's action statuses; "planned" only while the call is in flight
+    status: str = "planned"  # see CONTRACT.md's action statuses; "planned" while in flight (and up to 50 ms after)
     attempts: int = 0
     detail: str = ""
     edrv_action_id: Optional[str] = Field(default=None, index=True)
