@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from datetime import datetime, timedelta, timezone
 
+from dr_bridge import journal as journal_module
 from dr_bridge.journal import Journal
 from dr_bridge.store import ActionRow, ReadingRow, SessionState, Store, WebhookRow
 
@@ -173,3 +174,19 @@ async def test_submitted_writes_wait_to_share_a_commit_but_not_past_the_lag_or_a
     assert last.done() and asyncio.get_running_loop().time() - started < 0.3 and batches[2:] == [["S5"]]
     assert [a.session_id for a in store.actions()] == ["S1", "S2", "S3", "S4", "S5"]
     store.close()
+
+
+def test_each_new_action_id_names_its_own_row_however_the_inserts_are_split(db_url, monkeypatch):
+    """SQLite's ids are worked out from the last row a statement inserted: each must still be its own row's,
+    across statements and beside another bridge's rows."""
+    monkeypatch.setattr(journal_module, "SQLITE_ROWS_PER_INSERT", 7)
+    store, other = Store.open(db_url, bridge="b"), Store.open(db_url, bridge="other")
+    journal = Journal(store)
+    ids = journal.write_batch([("add_action", action(f"S{i:02d}"), {}) for i in range(20)])
+    Journal(other).write_batch([("add_action", action("X"), {})])
+    ids += journal.write_batch([("state", "S99", {"limited": True}), ("add_action", action("S20"), {})])[1:]
+    assert len(set(ids)) == 21
+    by_id = {a.id: a.session_id for a in store.actions()}
+    assert [by_id[i] for i in ids] == [f"S{i:02d}" for i in range(21)]
+    store.close()
+    other.close()
