@@ -60,7 +60,7 @@ async def run(kind: str, target: dict, concurrency: int, max_requests: int, max_
             if time.monotonic() > deadline:
                 return
             sent += 1
-            if 200 <= await post(session_id) < 300:
+            if 200 <= await post(f"sessions/{session_id}/set_power_limit", session_id) < 300:
                 ok += 1
 
     async with contextlib.AsyncExitStack() as stack:
@@ -78,15 +78,16 @@ async def run(kind: str, target: dict, concurrency: int, max_requests: int, max_
 
 
 async def _open(kind: str, target: dict, concurrency: int, stack: contextlib.AsyncExitStack):
-    """The client, closed with the stack; a function that sends one session's set_power_limit, its status."""
+    """The client, closed with the stack; a function that sends one set_power_limit (its path, and its
+    session for the eDRV client), its status."""
     base = target["base_url"].rstrip("/") + "/"
     headers = {"Authorization": f"Bearer {target['api_key']}"}
     if kind == "aiohttp":
         connector = aiohttp.TCPConnector(limit=concurrency)
         session = await stack.enter_async_context(aiohttp.ClientSession(base, headers=headers, connector=connector))
 
-        async def post(session_id: str) -> int:
-            async with session.post(f"sessions/{session_id}/set_power_limit", json=BODY) as resp:
+        async def post(path: str, _: str) -> int:
+            async with session.post(path, json=BODY) as resp:
                 await resp.read()
                 return resp.status
         return post
@@ -96,15 +97,15 @@ async def _open(kind: str, target: dict, concurrency: int, stack: contextlib.Asy
         edrv = await stack.enter_async_context(EdrvClient(target["base_url"], target["api_key"],
                                                           max_concurrency=concurrency, max_retries=0))
 
-        async def post(session_id: str) -> int:
+        async def post(_: str, session_id: str) -> int:
             await edrv.set_power_limit(session_id, BODY["unit"], BODY["limit"])  # raises unless 2xx
             return 200
         return post
     client = await stack.enter_async_context(
         _httpx_client("httpx" if kind == "sequential" else kind, base, headers, concurrency))
 
-    async def post(session_id: str) -> int:
-        return (await client.post(f"sessions/{session_id}/set_power_limit", json=BODY)).status_code
+    async def post(path: str, _: str) -> int:
+        return (await client.post(path, json=BODY)).status_code
     return post
 
 

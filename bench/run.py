@@ -1,7 +1,7 @@
 """Every benchmark in one command; prints a table and writes bench/results.json.
 
-    python bench/run.py            # the full run (about 7 minutes on 2 cores)
-    python bench/run.py --quick    # 1,000 sessions only, fewer mid-event sessions (about 2 minutes)
+    python bench/run.py            # the full run (about 9 minutes on 2 cores)
+    python bench/run.py --quick    # 1,000 sessions only, fewer mid-event sessions (about 3 minutes)
     python bench/run.py --show bench/results.json   # the table of an earlier run
 
 Each figure comes from its own process: the eDRV simulator (bench/_simserver.py), the bridge
