@@ -28,7 +28,7 @@ from dr_bridge.edrv.webhooks import Envelope, action_status
 from dr_bridge.eventlog import event_from_json, event_to_json, iso
 from dr_bridge.journal import Journal
 from dr_bridge.policy import (PERCENT_OFFSET, UnsupportedSignal, cap_watts, is_cap_signal, is_supported,
-                              session_limits, station_limit, to_watts, unusable)
+                              session_limits, station_limits, to_watts, unusable)
 from dr_bridge.performance import HOLD, mean_power
 from dr_bridge.reporting import overlapping, samples
 from dr_bridge.store import EventRow, IntervalRow, OptOutRow, Store, utcnow
@@ -331,11 +331,11 @@ class Engine:
                     if cap is not None:
                         caps.append((cap, owner))
                     continue
-                for sid in targeted:
-                    try:
-                        limit = station_limit(iv, self.stations[sid], self.settings)
-                    except UnsupportedSignal:
-                        continue
+                try:
+                    limits = station_limits(iv, [self.stations[sid] for sid in targeted], self.settings)
+                except UnsupportedSignal:
+                    continue
+                for sid, limit in limits.items():
                     budgets.setdefault(sid, []).append((limit, owner))
             for sid in targeted:
                 budgets.setdefault(sid, [])

@@ -85,6 +85,22 @@ def station_limit(interval: SignalInterval, station: Station, settings: PolicySe
     raise UnsupportedSignal(f"unsupported signal {interval.signal_name}/{interval.signal_type}")
 
 
+def station_limits(interval: SignalInterval, stations: Iterable[Station],
+                   settings: PolicySettings) -> dict[str, Limit | None]:
+    """station_limit for each station, by id. A station's budget depends on its size alone (max_current,
+    phases, voltage), and a fleet is mostly a few models: at an interval start with thousands of stations,
+    working each size out once is most of the pass's planning time saved. Raises UnsupportedSignal as
+    station_limit does (for the interval, whatever the station)."""
+    by_size: dict[tuple[float, int, float], Limit | None] = {}
+    out: dict[str, Limit | None] = {}
+    for station in stations:
+        size = (station.max_current, station.phases, station.voltage)
+        if size not in by_size:
+            by_size[size] = station_limit(interval, station, settings)
+        out[station.id] = by_size[size]
+    return out
+
+
 def cap_watts(interval: SignalInterval, baseline_w: float) -> float | None:
     """The cap (W) a setpoint or percent-offset interval puts on everything the event targets; None: no cap.
 
@@ -251,8 +267,8 @@ def session_limits(
     result: dict[str, tuple[Limit | None, S | None]] = {}
     for station_id, session_ids in sessions_by_station.items():
         station = stations.get(station_id)
-        if station is None:
-            continue  # not ours to limit
+        if station is None or not session_ids:
+            continue  # not ours to limit, or nothing to share
         entries = list(budgets.get(station_id, ()))
         budget = most_restrictive([limit for limit, _ in entries], station)
         source = next((src for limit, src in entries if limit == budget), None) if budget is not None else None

@@ -14,6 +14,7 @@ from dr_bridge.policy import (
     send_unit,
     share,
     station_limit,
+    station_limits,
     to_watts,
     unusable,
 )
@@ -347,3 +348,31 @@ def test_an_event_is_unusable_only_when_no_interval_can_be_acted_on():
     assert "ELECTRICITY_PRICE/price" in unusable([price], [AC], SETTINGS)
     nan_setpoint = SignalInterval("LOAD_CONTROL", "x-loadControlSetpoint", T0, None, float("inf"))
     assert "not a number" in unusable([nan_setpoint], [AC], SETTINGS)
+
+
+rule_st = st.one_of(st.builds(LevelRule, fraction=st.floats(0, 1)), st.builds(LevelRule, current=st.floats(0, 80)),
+                    st.builds(LevelRule, power=st.floats(0, 100_000)))
+fleet_st = st.lists(st.tuples(st.sampled_from([16.0, 32.0, 63.0]), st.sampled_from([1, 3]),
+                              st.sampled_from([230.0, 400.0]), st.sampled_from([None, "current", "power"]),
+                              st.sampled_from([None, True, False])), min_size=1, max_size=30)
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(fleet=fleet_st, rules=st.dictionaries(st.integers(1, 4), rule_st, max_size=4), fraction=st.floats(0, 1))
+def test_station_limits_are_each_stations_own_however_alike_the_fleet(fleet, rules, fraction):
+    # Stations of one size share a computation: whatever else differs, each still gets its own station_limit.
+    stations = [Station(f"s{i}", f"r{i % 3}", max_current=a, phases=p, voltage=v, limit_unit=u, simulator=sim,
+                        priority=i % 2) for i, (a, p, v, u, sim) in enumerate(fleet)]
+    settings = PolicySettings(levels=rules, min_current=6)
+    intervals = [*(level(float(n)) for n in range(-1, 6)), level(float("nan")), capacity(fraction),
+                 SignalInterval("LOAD_CONTROL", "x-loadControlLevelOffset", T0, None, 2),
+                 SignalInterval("LOAD_CONTROL", "x-loadControlSetpoint", T0, None, 50),
+                 SignalInterval("ELECTRICITY_PRICE", "price", T0, None, 1)]
+    for interval in intervals:
+        try:
+            expected = {s.id: station_limit(interval, s, settings) for s in stations}
+        except UnsupportedSignal:
+            with pytest.raises(UnsupportedSignal):
+                station_limits(interval, stations, settings)
+            continue
+        assert station_limits(interval, stations, settings) == expected, interval
