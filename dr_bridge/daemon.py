@@ -138,7 +138,7 @@ async def run_daemon(cfg: Config, api_key: str, *, dry_run: bool, restore_on_exi
     log.debug("garbage collector: %d start-up objects frozen, young generation collected every %d",
               frozen, GC_YOUNG_THRESHOLD)
     log.info("dr-bridge running%s: VTN %s, eDRV %s, %d station(s)", " (dry run)" if bridge.engine.dry_run else "",
-             cfg.vtn.url, cfg.edrv.base_url, len(bridge.engine.stations))
+             cfg.vtn.url, cfg.edrv.base_url, len(bridge.engine.fleet.stations))
     await stop.wait()
     log.info("stopping%s", ": restoring every limited session first" if restore_on_exit else "")
     left = await bridge.stop(restore=restore_on_exit)

@@ -12,9 +12,8 @@ import json
 import logging
 import random
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from functools import partial
 from typing import Callable
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -22,10 +21,10 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from dr_bridge import schedule, sharing
 from dr_bridge.dispatch import Desired, Dispatcher
 from dr_bridge.domain import ACTIVE, CANCELLED, COMPLETED, PENDING, Cap, Event, Limit, SignalInterval, Station
-from dr_bridge.edrv.errors import EdrvError
 from dr_bridge.edrv.models import Session
 from dr_bridge.edrv.webhooks import Envelope, action_status
 from dr_bridge.eventlog import event_from_json, event_to_json, iso
+from dr_bridge.fleet import Fleet
 from dr_bridge.journal import Journal
 from dr_bridge.policy import (PERCENT_OFFSET, UnsupportedSignal, cap_watts, is_cap_signal, is_supported,
                               session_limits, station_limits, to_watts, unusable)
@@ -42,7 +41,7 @@ RETRY_RECOMPUTE_S = 1.0
 # sends its limits at once instead of after a fleet-wide listing (ten pages at 10,000 sessions).
 PREFETCH_S = 5.0
 FOLLOW_UP_S = 5.0  # the longest the fresh listing after such a boundary waits for its limits to go out
-RESOLVE_WAIT_S = 1.0  # the longest a pass waits for eDRV to say what kind a station is (see _resolve_all)
+RESOLVE_WAIT_S = 1.0  # the longest a pass waits for eDRV to say what kind a station is (see Fleet.resolve_all)
 SHARE_RECHECK_S = 1.0  # after this bridge's wish for a shared station changed, it looks at the others' again
 
 
@@ -75,11 +74,9 @@ class Engine:
         self.clock = clock
         self.rng = rng or random.Random()
         self.settings = cfg.policy()
-        self.stations: dict[str, Station] = {s.id: s for s in cfg.stations()}
+        self.fleet = Fleet(cfg.stations(), client)  # what runs where
         self.ven_id: str | None = cfg.vtn.ven_id or None
         self.events: dict[str, LiveEvent] = {}
-        self.running: dict[str, list[str]] = {}  # station id -> running session ids, as last seen
-        self.energy_needs: dict[str, float] = {}  # session id -> kWh still wanted, where eDRV reports a target
         self.journal = Journal(store)  # the group commit shared by dispatch and webhooks
         self.dispatcher = Dispatcher(client, store, limit_retries=cfg.edrv.limit_retries,
                                      backoff_s=cfg.edrv.retry_backoff_s, on_noncompliant=self._noncompliant,
@@ -90,10 +87,8 @@ class Engine:
         self._dirty = asyncio.Event()
         self._full = False  # the next pass looks at every station and lists running sessions
         self._only: set[str] = set()  # otherwise, the stations a webhook told us about
-        self._listed_at: float | None = None  # monotonic time of the last listing of running sessions
         self._ahead: set[datetime] = set()  # boundaries whose sessions were listed just ahead of them
         self._follow_up_task: asyncio.Task | None = None
-        self._resolving: dict[str, asyncio.Task] = {}  # station id -> its kind being read from eDRV
         self._finalising: set[int] = set()  # actions whose final outcome is on its way to the database
         self._expiring: set[int] = set()  # actions counted as unanswered, that mark on its way to the database
         self._wished: dict = {}  # what this bridge last published of the stations it shares
@@ -108,12 +103,12 @@ class Engine:
         for row in self.store.events(statuses=[PENDING, ACTIVE]) + self._spreading_events():
             ev = event_from_json(row.event_json)
             live = LiveEvent(ev, row.offset_s, row.opt or OPT_OUT, row.opt_reason or "", row.status, row.dry_run,
-                             {s.id for s in select_stations(ev, list(self.stations.values()), self.ven_id)})
+                             {s.id for s in select_stations(ev, list(self.fleet.stations.values()), self.ven_id)})
             live.opted_out = {o.resource_id for o in self.store.opt_outs(ev.event_id) if o.resource_id}
             self.events[ev.event_id] = live
             log.info("resuming event %s (%s, modification %d)", ev.event_id, row.status, ev.modification_number)
         for st in self.store.session_states(limited_only=True):
-            station = self.stations.get(st.chargestation_id)
+            station = self.fleet.stations.get(st.chargestation_id)
             if station is None:
                 log.warning("session %s is limited on unconfigured station %s; use release-all",
                             st.session_id, st.chargestation_id)
@@ -140,10 +135,11 @@ class Engine:
         """Stop; with restore=True lift every limit first. Returns the sessions left limited."""
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
-        for task in (self._loop_task, self._follow_up_task, *self._resolving.values()):
+        for task in (self._loop_task, self._follow_up_task):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+        await self.fleet.stop()
         if restore:
             await self.release_all(timeout=timeout)
         await self.dispatcher.stop()
@@ -151,13 +147,13 @@ class Engine:
 
     async def release_all(self, timeout: float | None = None) -> None:
         for st in self.store.session_states(limited_only=True):
-            station = self.stations.get(st.chargestation_id)
+            station = self.fleet.stations.get(st.chargestation_id)
             if station is None:
                 # Without the station's max_current a fallback "restore" could only re-send the old limit.
                 log.error("session %s is limited on station %s, which is no longer configured: add the station "
                           "back to the config to restore it", st.session_id, st.chargestation_id)
                 continue
-            station = await self._resolve(station)
+            station = await self.fleet.resolve(station)
             if not self.dispatcher.known(st.session_id):
                 self.dispatcher.seed(st.session_id, station,
                                      Desired("limit", Limit(st.unit, st.limit), st.event_id))
@@ -224,7 +220,7 @@ class Engine:
         if row is not None and row.modification_number == ev.modification_number and not ev.cancelled:
             return row.opt or OPT_OUT, row.opt_reason or "already answered"  # a re-sent event: same answer
         offset = row.offset_s if row is not None else schedule.draw_offset(ev.start_after, self.rng)
-        stations = select_stations(ev, list(self.stations.values()), self.ven_id)
+        stations = select_stations(ev, list(self.fleet.stations.values()), self.ven_id)
         dry = self.dry_run or (ev.test_event and self.cfg.bridge.test_events == "log")
         if ev.cancelled:
             opt, reason = (row.opt if row and row.opt else OPT_IN), "cancelled by the VTN"
@@ -255,7 +251,7 @@ class Engine:
                  opt, reason, self._describe(live))
         self._schedule(live)
         if live.acting:
-            self._start_resolving(sorted(live.station_ids))  # long before the boundary needs them, if we can
+            self.fleet.start_resolving(sorted(live.station_ids))  # long before the boundary needs them, if we can
         self.kick()
         return opt, reason
 
@@ -324,7 +320,7 @@ class Engine:
                 continue
             owner = (live.event.event_id, live.dry)
             targeted = sorted(sid for sid in live.station_ids
-                              if self.stations[sid].resource_id not in live.opted_out)
+                              if self.fleet.stations[sid].resource_id not in live.opted_out)
             for iv in schedule.active_intervals(live.event, now, live.offset_s, self.cfg.bridge.max_event_hours):
                 if is_cap_signal(iv.signal_name, iv.signal_type):
                     cap = self._cap(live, iv, targeted)
@@ -332,7 +328,7 @@ class Engine:
                         caps.append((cap, owner))
                     continue
                 try:
-                    limits = station_limits(iv, [self.stations[sid] for sid in targeted], self.settings)
+                    limits = station_limits(iv, [self.fleet.stations[sid] for sid in targeted], self.settings)
                 except UnsupportedSignal:
                     continue
                 for sid, limit in limits.items():
@@ -341,16 +337,16 @@ class Engine:
                 budgets.setdefault(sid, [])
 
         held = {self.dispatcher.station_of(s) for s in self.dispatcher.limited_sessions()}
-        scope = sorted(set(budgets) | {s for s in held if s in self.stations})
+        scope = sorted(set(budgets) | {s for s in held if s in self.fleet.stations})
         if only is not None:
             scope = self._narrow(scope, only, caps)
         if not scope:
             return
         if only is None:
             await self._list_running(scope)
-        await self._resolve_all(scope, wait_s=RESOLVE_WAIT_S)
-        stations = {sid: self.stations[sid] for sid in scope}
-        sessions = {sid: self.running.get(sid, []) for sid in scope}
+        await self.fleet.resolve_all(scope, wait_s=RESOLVE_WAIT_S)
+        stations = {sid: self.fleet.stations[sid] for sid in scope}
+        sessions = {sid: self.fleet.running.get(sid, []) for sid in scope}
         plan = session_limits(budgets, caps, stations, sessions, self.settings, self._cap_weights(sessions))
         shared = [sid for sid in scope if stations[sid].shared]
         if shared:
@@ -364,8 +360,8 @@ class Engine:
         for cap, _ in caps:
             if cap.station_ids & wanted:
                 wanted |= cap.station_ids
-        if any(self.stations[sid].shared for sid in wanted):
-            wanted |= {sid for sid in scope if self.stations[sid].shared}
+        if any(self.fleet.stations[sid].shared for sid in wanted):
+            wanted |= {sid for sid in scope if self.fleet.stations[sid].shared}
         return [sid for sid in scope if sid in wanted]
 
     async def _list_running(self, scope: list[str]) -> None:
@@ -375,7 +371,7 @@ class Engine:
         ended meanwhile is answered 404 and forgotten."""
         due = {b for b in self._ahead if b <= self.clock() + timedelta(seconds=0.5)}
         self._ahead -= due
-        if due and self._listed_at is not None and time.monotonic() - self._listed_at < PREFETCH_S + 2:
+        if due and self.fleet.listed_at is not None and time.monotonic() - self.fleet.listed_at < PREFETCH_S + 2:
             self._follow_up_task = asyncio.create_task(self._follow_up(), name="engine-follow-up")
             return
         if not await self._refresh_sessions(scope):
@@ -388,7 +384,7 @@ class Engine:
     async def _prefetch(self, station_ids: list[str], boundary: datetime) -> None:
         """Ahead of a boundary: which sessions run, and what kind each station is, so the pass at the
         boundary asks eDRV nothing before sending."""
-        await self._resolve_all(station_ids)
+        await self.fleet.resolve_all(station_ids)
         if await self._refresh_sessions(station_ids):
             self._ahead.add(boundary)
 
@@ -452,9 +448,7 @@ class Engine:
     def _cap_weights(self, sessions: dict[str, list[str]]) -> dict[str, float] | None:
         if self.cfg.bridge.cap_sharing != "energy_need":
             return None
-        # A session whose target is met still counts a little, so it keeps its minimum rather than less.
-        return {sid: max(0.1, self.energy_needs[sid]) for ids in sessions.values() for sid in ids
-                if sid in self.energy_needs}
+        return self.fleet.need_weights(sessions)
 
     def _lowers(self, session_id: str, station: Station, limit: Limit) -> bool:
         held = self.dispatcher.held_limit(session_id)
@@ -483,12 +477,12 @@ class Engine:
             return live.baselines_w[key]
         start = schedule.effective_start(live.event, live.offset_s)
         since = start - timedelta(minutes=self.cfg.bridge.baseline_minutes)
-        mine = {sid: self.stations[sid] for sid in station_ids}
+        mine = {sid: self.fleet.stations[sid] for sid in station_ids}
         mean = mean_power(samples(self.store.readings_between(mine, since - HOLD, start), mine), since, start)
         if mean is not None:
             baseline = 1000.0 * mean.kw
         else:
-            baseline = sum(self.stations[sid].max_power_w for sid in station_ids)
+            baseline = sum(self.fleet.stations[sid].max_power_w for sid in station_ids)
             log.warning("event %s: no power readings before the event; its percent offset applies to the "
                         "stations' maximum power (%.1f kW)", live.event.event_id, baseline / 1000)
         live.baselines_w[key] = baseline
@@ -520,7 +514,7 @@ class Engine:
             ids.setdefault(session_id, self.dispatcher.station_of(session_id))
 
         def key(item: tuple[str, str]) -> tuple[int, str, str]:
-            station = self.stations.get(item[1])
+            station = self.fleet.stations.get(item[1])
             return (-(station.priority if station else 0), item[1], item[0])
 
         return [session_id for session_id, _ in sorted(ids.items(), key=key)]
@@ -557,64 +551,18 @@ class Engine:
         live.status = status
 
     async def _refresh_sessions(self, station_ids: list[str]) -> bool:
-        """Ask eDRV which sessions run now; sessions we limited that no longer run are done with.
-        False when eDRV did not answer (the last known list stands)."""
-        try:
-            # One paginated listing filtered here, rather than one query per station on every pass.
-            sessions = await self.client.list_running_sessions(None if len(station_ids) > 4 else station_ids)
-        except EdrvError as exc:
-            log.warning("could not list running sessions (%s); using the last known list", exc)
+        """List the sessions running on these stations; sessions we limited that no longer run are done
+        with. False when eDRV did not answer (the last known list stands)."""
+        live_ids = await self.fleet.list_running(station_ids)
+        if live_ids is None:
             return False
         self.last_edrv_ok = utcnow()
-        self._listed_at = time.monotonic()
-        running: dict[str, list[str]] = {sid: [] for sid in station_ids}
-        for s in sessions:
-            if s.chargestation_id in running:
-                running[s.chargestation_id].append(s.id)
-                self._note_need(s)
-        for sid in station_ids:
-            running[sid].sort()
-            self.running[sid] = running[sid]
-        live_ids = {x for ids in running.values() for x in ids}
-        alive = {x for ids in self.running.values() for x in ids}
-        self.energy_needs = {k: v for k, v in self.energy_needs.items() if k in alive}
+        listed = set(station_ids)
         for session_id in self.dispatcher.limited_sessions():
-            if self.dispatcher.station_of(session_id) in running and session_id not in live_ids:
+            if self.dispatcher.station_of(session_id) in listed and session_id not in live_ids:
                 log.info("session %s has ended; nothing to restore", session_id)
                 self.dispatcher.session_ended(session_id)
         return True
-
-    async def _resolve_all(self, station_ids: list[str], wait_s: float | None = None) -> None:
-        """Read from eDRV the kind of each station whose config leaves it open, all at once (under a 429
-        storm each read may take seconds). Waits at most wait_s: a limit does not need the kind (it goes in
-        current, which every station accepts), only the restore does, so a pass does not hold its limits
-        back for long; the reads go on, and a later pass uses what they found."""
-        pending = self._start_resolving(station_ids)
-        if pending:
-            await asyncio.wait(pending, timeout=wait_s)
-
-    def _start_resolving(self, station_ids: list[str]) -> list[asyncio.Task]:
-        for sid in station_ids:
-            if self.stations[sid].simulator is None and sid not in self._resolving:
-                task = self._resolving[sid] = asyncio.create_task(self._resolve(self.stations[sid]))
-                task.add_done_callback(partial(self._resolved, sid))
-        return [self._resolving[sid] for sid in station_ids if sid in self._resolving]
-
-    def _resolved(self, station_id: str, task: asyncio.Task) -> None:
-        self._resolving.pop(station_id, None)
-        if not task.cancelled() and task.exception() is None:
-            self.stations[station_id] = task.result()
-
-    async def _resolve(self, station: Station) -> Station:
-        """Fill in the simulator flag from eDRV when the config leaves it to eDRV."""
-        if station.simulator is not None:
-            return station
-        try:
-            cs = await self.client.get_chargestation(station.id)
-        except EdrvError as exc:
-            log.warning("could not read chargestation %s (%s); treating its kind as unknown", station.id, exc)
-            return station
-        return replace(station, simulator=cs.is_simulator) if cs.is_simulator is not None else station
 
     # --- what eDRV tells us by webhook ----------------------------------------------------------------
     async def on_webhook(self, env: Envelope) -> None:
@@ -656,7 +604,7 @@ class Engine:
 
     def _session_seen(self, session: Session, env: Envelope) -> None:
         station_id = session.chargestation_id
-        if station_id not in self.stations or not session.id:
+        if station_id not in self.fleet.stations or not session.id:
             return
         if session.power_kw is not None or session.current_a is not None:
             self.journal.submit(("reading", dict(at=session.energy_report_at or env.created_at or utcnow(),
@@ -666,35 +614,25 @@ class Engine:
             if session.status and session.status.lower() in ("ended", "cancelled"):
                 self._session_gone(session, session.energy_report_at or env.created_at or utcnow())
             return
-        self._note_need(session)
-        known = self.running.setdefault(station_id, [])
-        if session.id not in known:
-            known.append(session.id)
-            known.sort()
+        self.fleet.note_need(session)
+        if self.fleet.started(station_id, session.id):
             if any(station_id in live.station_ids and live.status == ACTIVE for live in self.events.values()):
                 log.info("session %s started on %s during an event: sharing its budget", session.id, station_id)
                 self.kick_stations({station_id})
 
-    def _note_need(self, session: Session) -> None:
-        need = session.energy_need_kwh
-        if need is not None:
-            self.energy_needs[session.id] = need
-
     def _session_gone(self, session: Session, at: datetime | None = None) -> None:
-        self.energy_needs.pop(session.id, None)
         station_id = session.chargestation_id
-        if at is not None and station_id in self.stations and session.id:
+        if at is not None and station_id in self.fleet.stations and session.id:
             # A 0 kW reading marks the end, so measured power does not hold the last report for a while.
             self.journal.submit(("reading", dict(at=at, session_id=session.id, chargestation_id=station_id,
                                                  power_kw=0.0, current_a=0.0), {}))
-        if station_id in self.running and session.id in self.running[station_id]:
-            self.running[station_id].remove(session.id)
+        if self.fleet.ended(station_id, session.id):
             self.kick_stations({station_id})  # the remaining sessions get a bigger share
         if self.dispatcher.known(session.id):
             self.dispatcher.session_ended(session.id)
 
     async def _station_link(self, station_id: str, online: bool) -> None:
-        station = self.stations.get(station_id)
+        station = self.fleet.stations.get(station_id)
         if station is None:
             return
         if online:
@@ -703,7 +641,7 @@ class Engine:
                 if station.resource_id in live.offline:
                     live.offline.discard(station.resource_id)
                     live.opted_out.discard(station.resource_id)
-            for session_id in self.running.get(station_id, []):
+            for session_id in self.fleet.running.get(station_id, []):
                 self.dispatcher.forget(session_id)  # a charger that reconnects may have lost its limits
             self.kick()
             return
@@ -783,7 +721,7 @@ class Engine:
                 if row.resource_id:
                     live.opted_out.add(row.resource_id)
                 else:
-                    live.opted_out |= {self.stations[s].resource_id for s in live.station_ids}
+                    live.opted_out |= {self.fleet.stations[s].resource_id for s in live.station_ids}
                     live.opt, live.reason = OPT_OUT, "opted out by the operator"
                     self._persist(live)
                     self._schedule(live)
@@ -801,7 +739,7 @@ class Engine:
         ev = live.event
         start = schedule.effective_start(ev, live.offset_s)
         end = schedule.effective_end(ev, live.offset_s, self.cfg.bridge.max_event_hours)
-        targeted = {self.stations[s].resource_id for s in live.station_ids}
+        targeted = {self.fleet.stations[s].resource_id for s in live.station_ids}
         for resource_id, window in overlapping(windows, start, end).items():
             if resource_id not in targeted or resource_id in live.opted_out or ev.cancelled:
                 continue

@@ -182,7 +182,7 @@ async def test_a_wish_published_while_the_other_bridge_was_planning_is_honoured_
         rig.vtn.add_event(b.ven.ven_id, intervals=[(start, timedelta(seconds=30), 1)],
                           targets=[{"resource_id": "SHARED"}])
         await wait_for(lambda: [c[2].get("limit") for c in rig.sim.limit_calls() if c[0] == session] == [24], 15)
-        station = b.engine.stations[rig.station_ids["SHARED"]]
+        station = b.engine.fleet.stations[rig.station_ids["SHARED"]]
         wish = (to_watts(Limit("current", 16), station), "EV-A", start + timedelta(seconds=30))
         a.set_shared_limits({station.id: wish})
         await wait_for(lambda: rig.sim.session_limit(session) == 16, 5)
