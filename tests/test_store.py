@@ -22,6 +22,17 @@ def test_migrations_are_idempotent(db_url):
     s.close()
 
 
+def test_the_migrations_build_exactly_the_schema_the_models_describe(store):
+    # A column added to a model without its migration (or the reverse) would work in a fresh test database
+    # built one way and break an operator's upgraded one.
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+    from sqlmodel import SQLModel
+
+    with store.engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), SQLModel.metadata) == []
+
+
 def test_event_round_trip_keeps_utc_and_replaces_intervals(store):
     row = EventRow(event_id="E1", modification_number=0, start=T0, end=T0 + timedelta(hours=1),
                    effective_start=T0 + timedelta(seconds=30), offset_s=30.0)
