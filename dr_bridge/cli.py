@@ -78,11 +78,11 @@ def run_command(config: str = ConfigOpt,
     cfg = config_or_exit(config)
     key = api_key_or_exit(cfg)
     setup_logging(debug)
-    from dr_bridge.daemon import StationConflict, run_daemon
+    from dr_bridge.daemon import AlreadyRunning, StationConflict, run_daemon
 
     try:
         code = asyncio.run(run_daemon(cfg, key, dry_run=dry_run, restore_on_exit=restore_on_exit))
-    except StationConflict as exc:
+    except (StationConflict, AlreadyRunning) as exc:
         fail(str(exc), 2)
     raise typer.Exit(code)
 
@@ -99,8 +99,8 @@ def release_all_command(config: str = ConfigOpt, debug: bool = DebugOpt) -> None
 
 
 @app.command("retire", help="Take this bridge out of service: release its station claims, so that another "
-                             "bridge on the database may take its stations. Stop it first; refused while it "
-                             "still limits a session or owes an event.")
+                             "bridge on the database may take its stations. Refused while it runs, still "
+                             "limits a session or owes an event.")
 def retire_command(config: str = ConfigOpt, debug: bool = DebugOpt) -> None:
     from dr_bridge.retire import RetireError, retire
 

@@ -12,9 +12,10 @@ from typing import Any, Callable
 from dr_bridge.config import Config
 from dr_bridge.edrv.client import EdrvClient
 from dr_bridge.engine import Engine
+from dr_bridge.instance import InstanceLock
 from dr_bridge.openadr import Telemetry, Ven
 from dr_bridge.reporting import Reporter, resource_power_kw
-from dr_bridge.store import Store, utcnow
+from dr_bridge.store import Store, normalise_url, utcnow
 
 log = logging.getLogger("dr_bridge")
 
@@ -22,10 +23,16 @@ log = logging.getLogger("dr_bridge")
 # interval start with thousands of sessions, the default made the collector run every few calls, and each
 # full collection walked every object alive; bench/ measures both (the "default GC" row).
 GC_YOUNG_THRESHOLD = 10_000
+LOCK_WAIT_S = 5.0  # a bridge restarted right after a kill waits this long for the old lock to be dropped
+LOCK_CHECK_S = 5.0
 
 
 class StationConflict(Exception):
     """A configured station is claimed by another bridge on the same database, and not shared by both."""
+
+
+class AlreadyRunning(Exception):
+    """Another instance of this very bridge runs on the same database."""
 
 
 class Bridge:
@@ -123,6 +130,19 @@ def tune_gc() -> int:
 
 
 async def run_daemon(cfg: Config, api_key: str, *, dry_run: bool, restore_on_exit: bool) -> int:
+    lock = InstanceLock(normalise_url(cfg.bridge.database_url), cfg.vtn.ven_name)
+    if not await asyncio.to_thread(lock.acquire, LOCK_WAIT_S):
+        raise AlreadyRunning(
+            f"bridge {cfg.vtn.ven_name!r} is already running on this database ({lock.where} held by another "
+            f"process): two instances would send every limit and restore twice; stop the other one first")
+    try:
+        return await _run_locked(cfg, api_key, lock, dry_run=dry_run, restore_on_exit=restore_on_exit)
+    finally:
+        lock.release()
+
+
+async def _run_locked(cfg: Config, api_key: str, lock: InstanceLock, *, dry_run: bool,
+                      restore_on_exit: bool) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -134,17 +154,34 @@ async def run_daemon(cfg: Config, api_key: str, *, dry_run: bool, restore_on_exi
         await bridge.client.aclose()
         bridge.store.close()
         raise
+    taken_over = asyncio.Event()
+    guard = asyncio.create_task(_guard(lock, stop, taken_over), name="instance-lock")
     frozen = tune_gc()
     log.debug("garbage collector: %d start-up objects frozen, young generation collected every %d",
               frozen, GC_YOUNG_THRESHOLD)
     log.info("dr-bridge running%s: VTN %s, eDRV %s, %d station(s)", " (dry run)" if bridge.engine.dry_run else "",
              cfg.vtn.url, cfg.edrv.base_url, len(bridge.engine.fleet.stations))
     await stop.wait()
-    log.info("stopping%s", ": restoring every limited session first" if restore_on_exit else "")
-    left = await bridge.stop(restore=restore_on_exit)
+    guard.cancel()
+    await asyncio.gather(guard, return_exceptions=True)
+    restore = restore_on_exit and not taken_over.is_set()  # the other instance carries the event on
+    log.info("stopping%s", ": restoring every limited session first" if restore else "")
+    left = await bridge.stop(restore=restore)
     if left:
         log.warning("%d session(s) stay limited while the event goes on (a restart resumes it): %s",
                     len(left), ", ".join(left))
     else:
         log.info("no session is left limited")
-    return 0
+    return 1 if taken_over.is_set() else 0
+
+
+async def _guard(lock: InstanceLock, stop: asyncio.Event, taken_over: asyncio.Event) -> None:
+    """Stop this instance if another took the bridge's lock while ours was lost with the database."""
+    while True:
+        await asyncio.sleep(LOCK_CHECK_S)
+        if not await asyncio.to_thread(lock.check):
+            log.error("another instance of this bridge took its lock while the database connection was lost: "
+                      "stopping this one, which leaves every session to it")
+            taken_over.set()
+            stop.set()
+            return

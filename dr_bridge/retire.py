@@ -2,14 +2,16 @@
 
 Each bridge claims its stations in the database at start, and another bridge configured with one of them is
 refused until the claim goes. A bridge that stops for good never drops its claims itself, so this does,
-once nothing is left to it: no session it still limits (it alone knows to restore them) and no event it
-agreed to and has not finished (the utility counts on it). Its event log stays for review.
+once the bridge is stopped (it holds no instance lock, instance.py; retire holds it meanwhile, so the bridge
+cannot start halfway) and nothing is left to it: no session it still limits (it alone knows to restore them)
+and no event it agreed to and has not finished (the utility counts on it). Its event log stays for review.
 """
 from __future__ import annotations
 
 from dr_bridge.config import Config
 from dr_bridge.domain import ACTIVE, PENDING
-from dr_bridge.store import Store
+from dr_bridge.instance import InstanceLock
+from dr_bridge.store import Store, normalise_url
 
 
 class RetireError(Exception):
@@ -17,6 +19,17 @@ class RetireError(Exception):
 
 
 def retire(cfg: Config, store: Store) -> str:
+    lock = InstanceLock(normalise_url(cfg.bridge.database_url), cfg.vtn.ven_name)
+    if not lock.acquire():
+        raise RetireError(f"bridge {cfg.vtn.ven_name!r} is running ({lock.where} held by another process): "
+                          f"stop it first")
+    try:
+        return _retire(cfg, store)
+    finally:
+        lock.release()
+
+
+def _retire(cfg: Config, store: Store) -> str:
     name = cfg.vtn.ven_name
     limited = store.session_states(limited_only=True)
     if limited:

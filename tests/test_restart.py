@@ -306,3 +306,62 @@ async def test_release_all_after_sigkill_restores_every_limited_session_without_
     again = await spawn("release-all", "--config", str(config))
     assert await again.wait(60) == 0, "nothing left to restore is not an error"
     assert len(rig.sim.limit_calls()) == mark + 2, "a second release-all must not call eDRV again"
+
+
+async def test_one_instance_per_bridge_a_second_is_refused_and_retire_waits_for_it(tmp_path, db_url, spawn):
+    """Two instances of one bridge would send every limit and restore twice: a second `dr-bridge run` exits 2
+    before it talks to anyone, `retire` is refused while one runs, and a killed instance leaves no lock behind."""
+    rig = Rig(tmp_path, [StationSpec("A")], bridge_options={"database_url": db_url})
+    await rig.start()
+    try:
+        path = rig.write_config(tmp_path / "dr-bridge.toml")
+        first = await spawn("run", "--config", str(path))
+        await registered(rig, 1, first)
+
+        second = await spawn("run", "--config", str(path))
+        assert await second.wait(60) == 2
+        lines = second.stderr().strip().splitlines()
+        assert len(lines) == 1 and "'dr-bridge-rig' is already running" in lines[0], lines
+        retire = await spawn("retire", "--config", str(path), api_key=False)
+        assert await retire.wait(60) == 1 and "'dr-bridge-rig' is running" in retire.stderr(), retire.stderr()
+        assert len(rig.vtn.registrations) == 1 and first.alive  # the first went on, alone
+
+        await first.sigkill()
+        third = await spawn("run", "--config", str(path))
+        await registered(rig, 2, third)
+        third.signal(signal.SIGTERM)
+        assert await third.wait(30) == 0
+        retire = await spawn("retire", "--config", str(path), api_key=False)
+        assert await retire.wait(60) == 0, retire.stderr()
+        assert f"released 1 station(s) ({rig.station_ids['A']})" in " ".join(retire.stdout().split())
+    finally:
+        await rig.stop()
+
+
+async def test_an_instance_whose_lock_was_taken_while_its_database_was_away_stops_without_restoring(
+        tmp_path, pg_url, spawn):
+    """PostgreSQL drops the lock with its connection. If another instance took it meanwhile, this one stops
+    (exit 1) and leaves the sessions limited for that one to carry on, even with --restore-on-exit."""
+    from dr_bridge.instance import InstanceLock
+    from tests.conftest import PG_ADMIN_URL
+    from tests.test_instance import _terminate
+
+    rig = Rig(tmp_path, [StationSpec("A"), StationSpec("S", simulator=True)], bridge_options={"database_url": pg_url})
+    await rig.start()
+    other = InstanceLock(pg_url, "dr-bridge-rig")
+    try:
+        config = rig.write_config(tmp_path / "dr-bridge.toml")
+        bridge = await spawn("run", "--config", str(config), "--restore-on-exit")
+        ven_id = await registered(rig, 1, bridge)
+        rig.vtn.add_event(ven_id, intervals=[(soon(2), timedelta(seconds=120), 2)], targets=TARGETS)
+        await limited(rig, bridge)
+        mark = len(rig.sim.limit_calls())
+
+        assert _terminate(PG_ADMIN_URL, "dr-bridge-rig") == 1
+        assert other.acquire()  # as a second instance starting at that moment would
+        assert await bridge.wait(30) == 1
+        assert "another instance of this bridge took its lock" in bridge.stderr()
+        assert calls(rig, "A", mark) == [] and calls(rig, "S", mark) == [], "it must leave the sessions alone"
+    finally:
+        other.release()
+        await rig.stop()

@@ -1,0 +1,128 @@
+"""One running instance per bridge. `dr-bridge run` holds a lock named after its bridge (VEN name) on its
+database for as long as it runs, so a second instance (a deploy that starts the new one before the old one
+stopped, an operator starting it twice) is refused rather than sending a second set of limits and restores.
+`retire` takes the same lock, so it never frees the stations of a bridge that runs, and a bridge cannot
+start while it is being retired.
+
+PostgreSQL: a session-level advisory lock on a connection of its own; the server drops it with the
+connection, so a bridge that is killed never leaves it behind. SQLite: an exclusive flock on a file beside
+the database, which the operating system drops with the process.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import time
+from pathlib import Path
+
+log = logging.getLogger("dr_bridge.instance")
+
+
+class InstanceLock:
+    def __init__(self, url: str, bridge: str) -> None:
+        self.url = url
+        self.bridge = bridge
+        # 64 bits of the name: the advisory-lock key space is shared with whatever else uses the database
+        digest = hashlib.blake2b(f"dr-bridge instance {bridge}".encode(), digest_size=8).digest()
+        self._key = int.from_bytes(digest, "big", signed=True)
+        self._conn = None  # PostgreSQL: the connection that holds the lock
+        self._fd: int | None = None  # SQLite: the locked file
+
+    @property
+    def where(self) -> str:
+        """What the lock is held on, for messages."""
+        path = self._lock_path()
+        return f"lock file {path}" if path else "PostgreSQL advisory lock"
+
+    def acquire(self, wait_s: float = 0.0) -> bool:
+        """Take the lock; False if another process holds it for wait_s. (A bridge killed a moment ago may
+        still hold it until its database connection is seen to be gone.)"""
+        deadline = time.monotonic() + wait_s
+        while True:
+            if self._try():
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.25)
+
+    def check(self) -> bool:
+        """Whether this process still holds the lock. PostgreSQL drops it with the connection (the server
+        restarting, the network, an administrator's pg_terminate_backend): then it is taken again, and this
+        is False only when another instance took it meanwhile. A database that cannot be reached counts as
+        still held; nobody else can take it there either."""
+        if self._conn is None:
+            return True
+        import psycopg
+
+        try:
+            self._conn.execute("SELECT 1")
+            return True
+        except psycopg.Error:
+            self._close_conn()
+        try:
+            return self._try()
+        except psycopg.OperationalError as exc:
+            log.warning("could not check the instance lock (%s); trying again shortly", exc)
+            return True
+
+    def release(self) -> None:
+        self._close_conn()
+        if self._fd is not None:
+            os.close(self._fd)  # closing the file drops its flock
+            self._fd = None
+
+    def _try(self) -> bool:
+        path = self._lock_path()
+        if path is not None:
+            return self._try_file(path)
+        if self.url.startswith("postgresql"):
+            return self._try_postgres()
+        return True  # an in-memory database belongs to its process anyway
+
+    def _lock_path(self) -> Path | None:
+        prefix = "sqlite:///"
+        if not self.url.startswith(prefix) or self.url[len(prefix):] in ("", ":memory:"):
+            return None
+        db = Path(self.url[len(prefix):].split("?", 1)[0])
+        return db.with_name(f"{db.name}.{hashlib.sha1(self.bridge.encode()).hexdigest()[:12]}.lock")
+
+    def _try_file(self, path: Path) -> bool:
+        if self._fd is not None:
+            return True
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {self.bridge}\n".encode())  # for an operator wondering who holds it
+        self._fd = fd
+        return True
+
+    def _try_postgres(self) -> bool:
+        import psycopg
+
+        if self._conn is None:
+            self._conn = psycopg.connect(_libpq_url(self.url), autocommit=True, connect_timeout=5,
+                                         application_name=f"dr-bridge instance lock {self.bridge}"[:63])
+        got = self._conn.execute("SELECT pg_try_advisory_lock(%s)", (self._key,)).fetchone()[0]
+        if not got:
+            self._close_conn()
+        return bool(got)
+
+    def _close_conn(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except Exception:  # already broken: nothing left to close
+                pass
+            self._conn = None
+
+
+def _libpq_url(url: str) -> str:
+    """SQLAlchemy's postgresql+psycopg://... as libpq reads it."""
+    scheme, rest = url.split("://", 1)
+    return f"postgresql://{rest}" if scheme.startswith("postgresql") else url
