@@ -179,7 +179,12 @@ async def _guard(lock: InstanceLock, stop: asyncio.Event, taken_over: asyncio.Ev
     """Stop this instance if another took the bridge's lock while ours was lost with the database."""
     while True:
         await asyncio.sleep(LOCK_CHECK_S)
-        if not await asyncio.to_thread(lock.check):
+        try:
+            held = await asyncio.to_thread(lock.check)
+        except Exception:  # whatever it was, the next check tries again; the guard must not end silently
+            log.exception("could not check the instance lock")
+            continue
+        if not held:
             log.error("another instance of this bridge took its lock while the database connection was lost: "
                       "stopping this one, which leaves every session to it")
             taken_over.set()

@@ -14,6 +14,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -28,7 +29,10 @@ class InstanceLock:
         digest = hashlib.blake2b(f"dr-bridge instance {bridge}".encode(), digest_size=8).digest()
         self._key = int.from_bytes(digest, "big", signed=True)
         self._conn = None  # PostgreSQL: the connection that holds the lock
+        self._backend: int | None = None  # PostgreSQL: the server process of the connection that took it last
         self._fd: int | None = None  # SQLite: the locked file
+        self._mutex = threading.Lock()  # check() runs in a worker thread; release() must not cross it
+        self._released = False
 
     @property
     def where(self) -> str:
@@ -41,8 +45,10 @@ class InstanceLock:
         still hold it until its database connection is seen to be gone.)"""
         deadline = time.monotonic() + wait_s
         while True:
-            if self._try():
-                return True
+            with self._mutex:
+                self._released = False
+                if self._try():
+                    return True
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.25)
@@ -52,26 +58,54 @@ class InstanceLock:
         restarting, the network, an administrator's pg_terminate_backend): then it is taken again, and this
         is False only when another instance took it meanwhile. A database that cannot be reached counts as
         still held; nobody else can take it there either."""
-        if self._conn is None:
-            return True
+        if not self.url.startswith("postgresql"):
+            return True  # a flock stays with its process
         import psycopg
 
-        try:
-            self._conn.execute("SELECT 1")
-            return True
-        except psycopg.Error:
-            self._close_conn()
-        try:
-            return self._try()
-        except psycopg.OperationalError as exc:
-            log.warning("could not check the instance lock (%s); trying again shortly", exc)
-            return True
+        with self._mutex:
+            if self._released:
+                return True
+            if self._conn is not None:
+                try:
+                    self._conn.execute("SELECT 1")
+                    return True
+                except psycopg.Error:
+                    self._close_conn()
+            try:
+                return self._try() or self._still_ours()
+            except psycopg.Error as exc:
+                log.warning("could not check the instance lock (%s); trying again shortly", exc)
+                return True
 
     def release(self) -> None:
-        self._close_conn()
-        if self._fd is not None:
-            os.close(self._fd)  # closing the file drops its flock
-            self._fd = None
+        with self._mutex:
+            self._released = True
+            self._close_conn()
+            if self._fd is not None:
+                os.close(self._fd)  # closing the file drops its flock
+                self._fd = None
+
+    def _still_ours(self) -> bool:
+        """Whether the lock is held by the server process of our own lost connection, which the server has not
+        noticed is gone yet (a dropped network path). It is ended, so the next check takes the lock again."""
+        import psycopg
+
+        if self._backend is None:
+            return False
+        with psycopg.connect(_libpq_url(self.url), autocommit=True, connect_timeout=5) as conn:
+            k = self._key & 0xFFFF_FFFF_FFFF_FFFF  # pg_locks shows a bigint key as two unsigned halves
+            holders = [pid for (pid,) in conn.execute(
+                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1 "
+                "AND classid = %s AND objid = %s AND database = (SELECT oid FROM pg_database "
+                "WHERE datname = current_database())", (k >> 32, k & 0xFFFF_FFFF))]
+            if not holders:
+                return True  # let go between the two queries: nobody else has it, the next check takes it
+            if holders != [self._backend]:
+                return False
+            conn.execute("SELECT pg_terminate_backend(%s)", (self._backend,))
+        log.warning("the instance lock was still held by this bridge's lost database connection; it was ended, "
+                    "and the lock is taken again at the next check")
+        return True
 
     def _try(self) -> bool:
         path = self._lock_path()
@@ -82,10 +116,15 @@ class InstanceLock:
         return True  # an in-memory database belongs to its process anyway
 
     def _lock_path(self) -> Path | None:
-        prefix = "sqlite:///"
-        if not self.url.startswith(prefix) or self.url[len(prefix):] in ("", ":memory:"):
+        """The lock file of a SQLite database: the URL forms config.resolve_database_url accepts."""
+        scheme, sep, rest = self.url.partition(":///")
+        if not sep or not scheme.startswith("sqlite"):
             return None
-        db = Path(self.url[len(prefix):].split("?", 1)[0])
+        path, _, query = rest.partition("?")
+        path = path.removeprefix("file:")
+        if not path or path == ":memory:" or "mode=memory" in query:
+            return None
+        db = Path(path)
         return db.with_name(f"{db.name}.{hashlib.sha1(self.bridge.encode()).hexdigest()[:12]}.lock")
 
     def _try_file(self, path: Path) -> bool:
@@ -106,10 +145,15 @@ class InstanceLock:
         import psycopg
 
         if self._conn is None:
+            # Keepalives: a network path that drops silently is noticed in seconds, not hours, on both ends.
             self._conn = psycopg.connect(_libpq_url(self.url), autocommit=True, connect_timeout=5,
-                                         application_name=f"dr-bridge instance lock {self.bridge}"[:63])
+                                         application_name=f"dr-bridge instance lock {self.bridge}"[:63],
+                                         keepalives=1, keepalives_idle=10, keepalives_interval=5,
+                                         keepalives_count=3, tcp_user_timeout=20_000)
         got = self._conn.execute("SELECT pg_try_advisory_lock(%s)", (self._key,)).fetchone()[0]
-        if not got:
+        if got:
+            self._backend = self._conn.info.backend_pid
+        else:
             self._close_conn()
         return bool(got)
 

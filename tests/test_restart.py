@@ -358,7 +358,7 @@ async def test_an_instance_whose_lock_was_taken_while_its_database_was_away_stop
         mark = len(rig.sim.limit_calls())
 
         assert _terminate(PG_ADMIN_URL, "dr-bridge-rig") == 1
-        assert other.acquire()  # as a second instance starting at that moment would
+        assert other.acquire(wait_s=5)  # as a second instance starting at that moment would
         assert await bridge.wait(30) == 1
         assert "another instance of this bridge took its lock" in bridge.stderr()
         assert calls(rig, "A", mark) == [] and calls(rig, "S", mark) == [], "it must leave the sessions alone"
