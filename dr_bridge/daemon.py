@@ -15,7 +15,7 @@ from dr_bridge.engine import Engine
 from dr_bridge.instance import InstanceLock
 from dr_bridge.openadr import Telemetry, Ven
 from dr_bridge.reporting import Reporter, resource_power_kw
-from dr_bridge.store import Store, normalise_url, utcnow
+from dr_bridge.store import Store, utcnow
 
 log = logging.getLogger("dr_bridge")
 
@@ -130,7 +130,7 @@ def tune_gc() -> int:
 
 
 async def run_daemon(cfg: Config, api_key: str, *, dry_run: bool, restore_on_exit: bool) -> int:
-    lock = InstanceLock(normalise_url(cfg.bridge.database_url), cfg.vtn.ven_name)
+    lock = InstanceLock.for_config(cfg)
     if not await asyncio.to_thread(lock.acquire, LOCK_WAIT_S):
         raise AlreadyRunning(
             f"bridge {cfg.vtn.ven_name!r} is already running on this database ({lock.where} held by another "

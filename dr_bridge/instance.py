@@ -17,14 +17,22 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Any
+
+from sqlalchemy.engine import URL, make_url
+
+from dr_bridge.store import normalise_url
 
 log = logging.getLogger("dr_bridge.instance")
 
 
 class InstanceLock:
     def __init__(self, url: str, bridge: str) -> None:
-        self.url = url
         self.bridge = bridge
+        parsed = make_url(url)
+        self._path = _lock_path(parsed, bridge)  # SQLite on a file: the lock file
+        self._dsn = (parsed.set(drivername="postgresql").render_as_string(hide_password=False)
+                     if parsed.get_backend_name() == "postgresql" else None)  # PostgreSQL, as libpq reads it
         # 64 bits of the name: the advisory-lock key space is shared with whatever else uses the database
         digest = hashlib.blake2b(f"dr-bridge instance {bridge}".encode(), digest_size=8).digest()
         self._key = int.from_bytes(digest, "big", signed=True)
@@ -34,11 +42,15 @@ class InstanceLock:
         self._mutex = threading.Lock()  # check() runs in a worker thread; release() must not cross it
         self._released = False
 
+    @classmethod
+    def for_config(cls, cfg: Any) -> "InstanceLock":
+        """The lock of the bridge a config describes, on its database (as Store.for_config opens it)."""
+        return cls(normalise_url(cfg.bridge.database_url), cfg.vtn.ven_name)
+
     @property
     def where(self) -> str:
         """What the lock is held on, for messages."""
-        path = self._lock_path()
-        return f"lock file {path}" if path else "PostgreSQL advisory lock"
+        return f"lock file {self._path}" if self._path else "PostgreSQL advisory lock"
 
     def acquire(self, wait_s: float = 0.0) -> bool:
         """Take the lock; False if another process holds it for wait_s. (A bridge killed a moment ago may
@@ -58,7 +70,7 @@ class InstanceLock:
         restarting, the network, an administrator's pg_terminate_backend): then it is taken again, and this
         is False only when another instance took it meanwhile. A database that cannot be reached counts as
         still held; nobody else can take it there either."""
-        if not self.url.startswith("postgresql"):
+        if self._dsn is None:
             return True  # a flock stays with its process
         import psycopg
 
@@ -92,7 +104,7 @@ class InstanceLock:
 
         if self._backend is None:
             return False
-        with psycopg.connect(_libpq_url(self.url), autocommit=True, connect_timeout=5) as conn:
+        with psycopg.connect(self._dsn, autocommit=True, connect_timeout=5) as conn:
             k = self._key & 0xFFFF_FFFF_FFFF_FFFF  # pg_locks shows a bigint key as two unsigned halves
             holders = [pid for (pid,) in conn.execute(
                 "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1 "
@@ -108,29 +120,16 @@ class InstanceLock:
         return True
 
     def _try(self) -> bool:
-        path = self._lock_path()
-        if path is not None:
-            return self._try_file(path)
-        if self.url.startswith("postgresql"):
+        if self._path is not None:
+            return self._try_file()
+        if self._dsn is not None:
             return self._try_postgres()
         return True  # an in-memory database belongs to its process anyway
 
-    def _lock_path(self) -> Path | None:
-        """The lock file of a SQLite database: the URL forms config.resolve_database_url accepts."""
-        scheme, sep, rest = self.url.partition(":///")
-        if not sep or not scheme.startswith("sqlite"):
-            return None
-        path, _, query = rest.partition("?")
-        path = path.removeprefix("file:")
-        if not path or path == ":memory:" or "mode=memory" in query:
-            return None
-        db = Path(path)
-        return db.with_name(f"{db.name}.{hashlib.sha1(self.bridge.encode()).hexdigest()[:12]}.lock")
-
-    def _try_file(self, path: Path) -> bool:
+    def _try_file(self) -> bool:
         if self._fd is not None:
             return True
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -146,7 +145,7 @@ class InstanceLock:
 
         if self._conn is None:
             # Keepalives: a network path that drops silently is noticed in seconds, not hours, on both ends.
-            self._conn = psycopg.connect(_libpq_url(self.url), autocommit=True, connect_timeout=5,
+            self._conn = psycopg.connect(self._dsn, autocommit=True, connect_timeout=5,
                                          application_name=f"dr-bridge instance lock {self.bridge}"[:63],
                                          keepalives=1, keepalives_idle=10, keepalives_interval=5,
                                          keepalives_count=3, tcp_user_timeout=20_000)
@@ -166,7 +165,12 @@ class InstanceLock:
             self._conn = None
 
 
-def _libpq_url(url: str) -> str:
-    """SQLAlchemy's postgresql+psycopg://... as libpq reads it."""
-    scheme, rest = url.split("://", 1)
-    return f"postgresql://{rest}" if scheme.startswith("postgresql") else url
+def _lock_path(url: URL, bridge: str) -> Path | None:
+    """The lock file beside a SQLite database file; None for any other database, or one in memory."""
+    if url.get_backend_name() != "sqlite" or not url.database:
+        return None
+    path = url.database.removeprefix("file:")
+    if path == ":memory:" or url.query.get("mode") == "memory":
+        return None
+    db = Path(path)
+    return db.with_name(f"{db.name}.{hashlib.sha1(bridge.encode()).hexdigest()[:12]}.lock")

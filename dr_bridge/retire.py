@@ -11,7 +11,7 @@ from __future__ import annotations
 from dr_bridge.config import Config
 from dr_bridge.domain import ACTIVE, PENDING
 from dr_bridge.instance import InstanceLock
-from dr_bridge.store import Store, normalise_url
+from dr_bridge.store import Store
 
 
 class RetireError(Exception):
@@ -19,7 +19,7 @@ class RetireError(Exception):
 
 
 def retire(cfg: Config, store: Store) -> str:
-    lock = InstanceLock(normalise_url(cfg.bridge.database_url), cfg.vtn.ven_name)
+    lock = InstanceLock.for_config(cfg)
     if not lock.acquire():
         raise RetireError(f"bridge {cfg.vtn.ven_name!r} is running ({lock.where} held by another process): "
                           f"stop it first")
