@@ -55,10 +55,15 @@ NonCompliant = Callable[[str, Station, str | None, str], Awaitable[None]]
 
 
 class Dispatcher:
+    """One per kind of plan: the engine keeps the limits it sends apart from those it only logs (dry runs
+    and test events), so that a logged limit can never stand for one eDRV holds. A dry-only dispatcher has
+    no client at all and persists no session state."""
+
     def __init__(self, client, store: Store, *, limit_retries: int = 3, backoff_s: float = 1.0,
                  backoff_max_s: float = 60.0, on_noncompliant: NonCompliant | None = None,
-                 journal: Journal | None = None):
+                 journal: Journal | None = None, dry_only: bool = False):
         self.client = client
+        self.dry_only = dry_only
         self.store = store
         self.journal = journal or Journal(store)
         self.limit_retries = limit_retries
@@ -112,6 +117,9 @@ class Dispatcher:
         slot.desired, slot.applied = desired, None
 
     def want(self, session_id: str, station: Station, desired: Desired) -> None:
+        if desired.dry != self.dry_only:
+            raise ValueError(f"a {'dry' if desired.dry else 'real'} desired state for session {session_id} "
+                             f"handed to the {'dry' if self.dry_only else 'real'} dispatcher")
         slot = self._slot(session_id, station)
         if slot.ended:
             return
@@ -190,6 +198,8 @@ class Dispatcher:
         if slot is not None:
             slot.ended = True
             slot.changed.set()
+        if self.dry_only:
+            return
         # Not awaited: should it be lost, a restart tries to restore the session and eDRV says it ended.
         self.journal.submit(("state", session_id, {"ended": True, "limited": False}))
 

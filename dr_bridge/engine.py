@@ -81,6 +81,9 @@ class Engine:
         self.dispatcher = Dispatcher(client, store, limit_retries=cfg.edrv.limit_retries,
                                      backoff_s=cfg.edrv.retry_backoff_s, on_noncompliant=self._noncompliant,
                                      journal=self.journal)
+        # What dry runs and logged test events would do: kept apart, so a logged limit never stands in for
+        # one that eDRV holds (nor a logged restore for a real one). It has no eDRV client to call.
+        self.dry_dispatcher = Dispatcher(None, store, journal=self.journal, dry_only=True)
         self.scheduler = AsyncIOScheduler(timezone="UTC")
         self.last_edrv_ok: datetime | None = None
         self.webhooks_seen = False  # outcome timeouts only mean something once eDRV's webhooks reach us
@@ -142,6 +145,7 @@ class Engine:
         await self.fleet.stop()
         if restore:
             await self.release_all(timeout=timeout)
+        await self.dry_dispatcher.stop()
         await self.dispatcher.stop()
         return [s.session_id for s in self.store.session_states(limited_only=True)]
 
@@ -186,6 +190,7 @@ class Engine:
     async def settle(self, timeout: float = 10.0) -> None:
         """Wait until the latest recompute ran, dispatch is idle and its event log written (tests and the demo)."""
         await asyncio.wait_for(self._idle.wait(), timeout)
+        await self.dry_dispatcher.drain(timeout)
         await self.dispatcher.drain(timeout)
         await asyncio.wait_for(self.journal.flush(), timeout)
 
@@ -336,7 +341,7 @@ class Engine:
             for sid in targeted:
                 budgets.setdefault(sid, [])
 
-        held = {self.dispatcher.station_of(s) for s in self.dispatcher.limited_sessions()}
+        held = {d.station_of(s) for d in (self.dispatcher, self.dry_dispatcher) for s in d.limited_sessions()}
         scope = sorted(set(budgets) | {s for s in held if s in self.fleet.stations})
         if only is not None:
             scope = self._narrow(scope, only, caps)
@@ -347,11 +352,22 @@ class Engine:
         await self.fleet.resolve_all(scope, wait_s=RESOLVE_WAIT_S)
         stations = {sid: self.fleet.stations[sid] for sid in scope}
         sessions = {sid: self.fleet.running.get(sid, []) for sid in scope}
+        station_of = {x: stations[sid] for sid, ids in sessions.items() for x in ids}
+        # The limits to send, and apart from them those only to log: each planned as if the other were not.
+        dry_budgets = {sid: [b for b in entries if b[1][1]] for sid, entries in budgets.items()}
+        dry_caps = [c for c in caps if c[1][1]]
+        if dry_caps or any(dry_budgets.values()):
+            budgets = {sid: [b for b in entries if not b[1][1]] for sid, entries in budgets.items()}
+            caps = [c for c in caps if not c[1][1]]
         plan = session_limits(budgets, caps, stations, sessions, self.settings, self._cap_weights(sessions))
         shared = [sid for sid in scope if stations[sid].shared]
         if shared:
             plan = self._share(plan, budgets, caps, stations, sessions, shared, now)
-        await self._apply(plan, {x: stations[sid] for sid, ids in sessions.items() for x in ids}, now)
+        await self._apply(plan, station_of, now, self.dispatcher)
+        if dry_caps or any(dry_budgets.values()) or self.dry_dispatcher.limited_sessions():
+            dry_plan = session_limits(dry_budgets, dry_caps, stations, sessions, self.settings,
+                                      self._cap_weights(sessions))
+            await self._apply(dry_plan, station_of, now, self.dry_dispatcher)
 
     def _narrow(self, scope: list[str], only: set[str], caps: list[tuple[Cap, tuple[str, bool]]]) -> list[str]:
         """The stations a pass over `only` must look at: a cap is shared by all its stations, and this
@@ -418,7 +434,7 @@ class Engine:
         return session_limits(merged, caps, stations, sessions, self.settings, self._cap_weights(sessions))
 
     async def _apply(self, plan: dict[str, tuple[Limit | None, tuple[str, bool] | None]],
-                     station_of: dict[str, Station], now: datetime) -> None:
+                     station_of: dict[str, Station], now: datetime, dispatcher: Dispatcher) -> None:
         """Hand the plan to the dispatcher: lower limits first, then raises and restores."""
         lowered: list[str] = []
         raises: list[tuple[str, Station, Desired]] = []
@@ -426,13 +442,13 @@ class Engine:
             station = station_of[session_id]
             if limit is not None:
                 desired = Desired("limit", limit, owner[0], owner[1])
-                if self._lowers(session_id, station, limit):
-                    self.dispatcher.want(session_id, station, desired)
+                if self._lowers(dispatcher, session_id, station, limit):
+                    dispatcher.want(session_id, station, desired)
                     lowered.append(session_id)
                 else:
                     raises.append((session_id, station, desired))
-            elif self.dispatcher.holds_limit(session_id) or self.dispatcher.wants_limit(session_id):
-                prev = self.dispatcher.desired(session_id)
+            elif dispatcher.holds_limit(session_id) or dispatcher.wants_limit(session_id):
+                prev = dispatcher.desired(session_id)
                 due = self._restore_due(session_id, prev.event_id)
                 if due is not None and due > now + timedelta(milliseconds=10):
                     self._wake_at(due, prev.event_id)
@@ -441,17 +457,18 @@ class Engine:
         if lowered and raises:
             # When shares move within a cap, the limits eDRV holds must not add up to more than the cap on
             # the way: the raises wait (briefly) until the lowered limits are through.
-            await self.dispatcher.drain(min(5.0, self.cfg.edrv.request_timeout_s), lowered)
+            await dispatcher.drain(min(5.0, self.cfg.edrv.request_timeout_s), lowered)
         for session_id, station, desired in raises:
-            self.dispatcher.want(session_id, station, desired)
+            dispatcher.want(session_id, station, desired)
 
     def _cap_weights(self, sessions: dict[str, list[str]]) -> dict[str, float] | None:
         if self.cfg.bridge.cap_sharing != "energy_need":
             return None
         return self.fleet.need_weights(sessions)
 
-    def _lowers(self, session_id: str, station: Station, limit: Limit) -> bool:
-        held = self.dispatcher.held_limit(session_id)
+    @staticmethod
+    def _lowers(dispatcher: Dispatcher, session_id: str, station: Station, limit: Limit) -> bool:
+        held = dispatcher.held_limit(session_id)
         now_w = to_watts(held, station) if held is not None else station.max_power_w
         return to_watts(limit, station) < now_w
 
@@ -510,8 +527,9 @@ class Engine:
         a restart mid-spread gives every session the same turn as before."""
         event_id = live.event.event_id
         ids = {st.session_id: st.chargestation_id for st in self.store.session_states() if st.event_id == event_id}
-        for session_id in self.dispatcher.sessions_of_event(event_id):  # dry runs persist no session state
-            ids.setdefault(session_id, self.dispatcher.station_of(session_id))
+        for dispatcher in (self.dispatcher, self.dry_dispatcher):  # dry runs persist no session state
+            for session_id in dispatcher.sessions_of_event(event_id):
+                ids.setdefault(session_id, dispatcher.station_of(session_id))
 
         def key(item: tuple[str, str]) -> tuple[int, str, str]:
             station = self.fleet.stations.get(item[1])
@@ -628,8 +646,9 @@ class Engine:
                                                  power_kw=0.0, current_a=0.0), {}))
         if self.fleet.ended(station_id, session.id):
             self.kick_stations({station_id})  # the remaining sessions get a bigger share
-        if self.dispatcher.known(session.id):
-            self.dispatcher.session_ended(session.id)
+        for dispatcher in (self.dispatcher, self.dry_dispatcher):
+            if dispatcher.known(session.id):
+                dispatcher.session_ended(session.id)
 
     async def _station_link(self, station_id: str, online: bool) -> None:
         station = self.fleet.stations.get(station_id)
@@ -681,13 +700,15 @@ class Engine:
         """A bridge runs for months: forget events that are over (their restores included) and sessions that
         ended. The database keeps them; a re-sent event is answered from there."""
         for event_id, live in list(self.events.items()):
-            if live.status not in (COMPLETED, CANCELLED) or self.dispatcher.sessions_of_event(event_id):
+            if live.status not in (COMPLETED, CANCELLED) or self.dispatcher.sessions_of_event(event_id) \
+                    or self.dry_dispatcher.sessions_of_event(event_id):
                 continue
             end = schedule.effective_end(live.event, live.offset_s, self.cfg.bridge.max_event_hours)
             if live.status == CANCELLED or end + schedule.restore_spread(
                     live.event, self.cfg.bridge.restore_spread_s) < now:
                 del self.events[event_id]
         self.dispatcher.drop_finished()
+        self.dry_dispatcher.drop_finished()
 
     # --- health --------------------------------------------------------------------------------------
     def active_event_ids(self) -> list[str]:

@@ -1,0 +1,56 @@
+"""The ways a limit could outlive its event, each run end to end (the openleadr VTN and the eDRV simulator over
+loopback, the whole bridge): every one must end with the session restored in eDRV and in the event log."""
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from dr_bridge.daemon import Bridge
+from dr_bridge.rig import API_KEY, Rig, StationSpec, wait_for
+from tests.test_core import a_calls, calls, one_station, soon
+
+
+@pytest.fixture
+async def rig(tmp_path, request):
+    spec = getattr(request, "param", None) or {}
+    r = Rig(tmp_path, spec.get("stations") or [StationSpec("A"), StationSpec("B")],
+            bridge_options=spec.get("bridge", {}), edrv_options=spec.get("edrv", {}))
+    await r.start(webhooks=spec.get("webhooks", False))
+    yield r
+    await r.stop()
+
+
+async def started(rig: Rig) -> Bridge:
+    b = Bridge(rig.config(), API_KEY, vtn_backoff_s=0.2)
+    await b.start()
+    await wait_for(lambda: b.ven.registered, 15)
+    return b
+
+
+@pytest.fixture
+async def bridge(rig):
+    b = await started(rig)
+    yield b
+    await b.stop()
+
+
+@pytest.mark.parametrize("rig", [one_station()], indirect=True)
+async def test_a_logged_test_event_never_stands_in_for_a_real_limit(rig, bridge):
+    # The test event (logged only, the default) is stricter than the real one and outlasts it: the real
+    # limit must still be lifted when the real event ends, not be taken for the logged one.
+    s = soon(2)
+    real = rig.vtn.add_event(bridge.ven.ven_id, intervals=[(s, timedelta(seconds=3), 2)])
+    test = rig.vtn.add_event(bridge.ven.ven_id, intervals=[(s + timedelta(seconds=1), timedelta(seconds=4), 3)],
+                             test_event=True)
+    await wait_for(lambda: len(calls(rig, "A")) >= 2, 15)
+    await wait_for(lambda: len(bridge.store.actions(test)) >= 2, 10)
+    await bridge.engine.settle()
+    assert a_calls(rig) == [("set_power_limit", 16), ("clear_power_limit", None)]
+    clear_at = [r.at for r in rig.sim.requests if r.path.endswith("clear_power_limit")][0]
+    assert clear_at < (s + timedelta(seconds=5)).timestamp()  # at the real event's end, not the test's
+    assert [(a.purpose, a.status, a.limit) for a in bridge.store.actions(test)] == [
+        ("limit", "dry_run", 6), ("restore", "dry_run", None)]
+    assert [(a.kind, a.status) for a in bridge.store.actions(real)] == [
+        ("set_power_limit", "requested"), ("clear_power_limit", "requested")]
+    assert bridge.engine.limited_sessions() == [] and bridge.store.session_states(limited_only=True) == []
