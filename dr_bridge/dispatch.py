@@ -276,7 +276,7 @@ class Dispatcher:
     async def _apply_limit(self, session_id: str, slot: _Slot, want: Desired) -> None:
         # Persist before acting: a crash after the POST must still find this session to restore.
         state = dict(chargestation_id=slot.station.id, resource_id=slot.station.resource_id, event_id=want.event_id,
-                     limited=True, unit=want.limit.unit, limit=want.limit.value)
+                     limited=True, ended=False, unit=want.limit.unit, limit=want.limit.value)
         action_id = await self._record(session_id, slot, want, "set_power_limit", "limit", want.limit, state=state)
         outcome = await self._call(session_id, slot, want, action_id,
                                    lambda: self.client.set_power_limit(session_id, want.limit.unit, want.limit.value,

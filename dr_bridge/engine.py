@@ -21,6 +21,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from dr_bridge import schedule, sharing
 from dr_bridge.dispatch import Desired, Dispatcher
 from dr_bridge.domain import ACTIVE, CANCELLED, COMPLETED, PENDING, Cap, Event, Limit, SignalInterval, Station
+from dr_bridge.edrv.errors import EdrvError, EdrvNotFound
 from dr_bridge.edrv.models import Session
 from dr_bridge.edrv.webhooks import Envelope, action_status
 from dr_bridge.eventlog import event_from_json, event_to_json, iso
@@ -576,11 +577,36 @@ class Engine:
             return False
         self.last_edrv_ok = utcnow()
         listed = set(station_ids)
-        for session_id in self.dispatcher.limited_sessions():
-            if self.dispatcher.station_of(session_id) in listed and session_id not in live_ids:
-                log.info("session %s has ended; nothing to restore", session_id)
-                self.dispatcher.session_ended(session_id)
+        for session_id in self.dry_dispatcher.limited_sessions():
+            if self.dry_dispatcher.station_of(session_id) in listed and session_id not in live_ids:
+                self.dry_dispatcher.session_ended(session_id)
+        missing = [sid for sid in self.dispatcher.limited_sessions()
+                   if self.dispatcher.station_of(sid) in listed and sid not in live_ids]
+        if missing:
+            await asyncio.gather(*(self._confirm_ended(sid) for sid in missing))
         return True
+
+    async def _confirm_ended(self, session_id: str) -> None:
+        """A session we limited is missing from a listing: ask eDRV about it before letting it go. A listing
+        by page number skips a session when another one ends between two pages, and one let go that still
+        runs would keep its limit after the event."""
+        station_id = self.dispatcher.station_of(session_id)
+        try:
+            session = await self.client.get_session(session_id)
+        except EdrvNotFound:
+            session = None
+        except EdrvError as exc:
+            log.warning("session %s is missing from eDRV's listing and could not be read (%s); it is still "
+                        "planned as running", session_id, exc)
+            self.fleet.started(station_id, session_id)
+            return
+        if session is None or not session.running:
+            log.info("session %s has ended; nothing to restore", session_id)
+            self.dispatcher.session_ended(session_id)
+            return
+        log.warning("session %s runs on %s but eDRV's listing left it out; it is still planned", session_id,
+                    station_id)
+        self.fleet.started(station_id, session_id)
 
     # --- what eDRV tells us by webhook ----------------------------------------------------------------
     async def on_webhook(self, env: Envelope) -> None:

@@ -54,3 +54,24 @@ async def test_a_logged_test_event_never_stands_in_for_a_real_limit(rig, bridge)
     assert [(a.kind, a.status) for a in bridge.store.actions(real)] == [
         ("set_power_limit", "requested"), ("clear_power_limit", "requested")]
     assert bridge.engine.limited_sessions() == [] and bridge.store.session_states(limited_only=True) == []
+
+
+async def test_a_limited_session_missing_from_a_listing_is_asked_about_before_it_is_let_go(rig, bridge):
+    s = soon(2)
+    rig.vtn.add_event(bridge.ven.ven_id, intervals=[(s, timedelta(seconds=4), 2)])
+    await wait_for(lambda: calls(rig, "A") and calls(rig, "B"), 15)
+    await bridge.engine.settle()
+    (a,), (b,) = rig.sessions["A"], rig.sessions["B"]
+    rig.sim.unlisted.add(a)  # still running, but the listing leaves it out (a page boundary moved)
+    rig.sim.end_session(b, send_webhook=False)  # really over, and its webhook lost
+    rig.sim.clear_requests()
+    bridge.engine.kick()  # a full pass with a fresh listing, as the reconcile job makes
+    await bridge.engine.settle()
+    asked = sorted(r.path.rsplit("/", 1)[1] for r in rig.sim.requests if r.method == "GET"
+                   and "/sessions/" in r.path)
+    assert asked == sorted([a, b])
+    await wait_for(lambda: len(calls(rig, "A")) >= 1, 15)  # the event ends
+    await bridge.engine.settle()
+    assert calls(rig, "A") == [("clear_power_limit", {})]
+    assert calls(rig, "B") == []  # ended: nothing to restore
+    assert bridge.store.session_states(limited_only=True) == []

@@ -136,6 +136,9 @@ class EdrvSimulator:
         self.outcome_delay_s = outcome_delay_s  # the charge point's answer trails the .requested webhook
         self.ignore_session_filters = ignore_session_filters  # pretend eDRV ignores ?status=&chargestation=
         self.status_case = status_case  # eDRV's docs show both "Started" and "started"
+        # Running sessions that listings leave out, as a listing by page number does when another session
+        # ends between two of its pages; they are still there to GET and to limit.
+        self.unlisted: set[str] = set()
         self.faults = Faults()
         self.requests: list[RecordedRequest] = []
         self.webhooks_sent: list[dict[str, Any]] = []
@@ -531,7 +534,7 @@ class EdrvSimulator:
     async def _list_sessions(self, request: web.Request) -> web.Response:
         status = request.query.get("status")
         station = request.query.get("chargestation")
-        sessions = list(self._sessions.values())
+        sessions = [s for s in self._sessions.values() if s.id not in self.unlisted]
         if not self.ignore_session_filters:
             sessions = [s for s in sessions if (not status or s.status.lower() == status.lower())
                         and (not station or s.station_id == station)]
