@@ -142,6 +142,7 @@ class Dispatcher:
             slot.rejections += 1
             if slot.applied == RESTORED:  # retry later, not in a tight loop against a refusing charger
                 slot.applied = None
+                self._still_limited(session_id)
                 asyncio.get_running_loop().call_later(self._backoff(slot.rejections), self._start, session_id)
             return
         elif slot.desired.kind != "limit" or slot.desired.key != key:
@@ -163,7 +164,15 @@ class Dispatcher:
             return
         slot = self._slots.get(session_id)
         if slot is not None and slot.desired is not None and slot.desired.kind == "restore":
+            if slot.applied == RESTORED and not slot.ended:
+                self._still_limited(session_id)
             self.forget(session_id)
+
+    def _still_limited(self, session_id: str) -> None:
+        """A restore that eDRV accepted (HTTP 2xx) did not take at the charger: the session is limited again
+        as far as the database knows, so that a restart, or a stop that restores, still lifts it."""
+        if not self.dry_only:
+            self.journal.submit(("state", session_id, {"limited": True}))
 
     def forget(self, session_id: str) -> None:
         """What eDRV holds is unknown again (a charger reconnected, an answer never came): send again."""

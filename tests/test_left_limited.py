@@ -75,3 +75,31 @@ async def test_a_limited_session_missing_from_a_listing_is_asked_about_before_it
     assert calls(rig, "A") == [("clear_power_limit", {})]
     assert calls(rig, "B") == []  # ended: nothing to restore
     assert bridge.store.session_states(limited_only=True) == []
+
+
+@pytest.mark.parametrize("rig", [{"webhooks": True, "edrv": {"retry_backoff_s": 0.5}}], indirect=True)
+async def test_a_restore_the_charger_refuses_after_edrv_accepted_it_survives_a_restart(rig):
+    bridge = await started(rig)
+    s = soon(2)
+    rig.vtn.add_event(bridge.ven.ven_id, intervals=[(s, timedelta(seconds=2), 2)])
+    try:
+        await wait_for(lambda: calls(rig, "A"), 15)
+        (a,) = rig.sessions["A"]
+        rig.sim.set_refuse(rig.station_ids["A"], "webhook")  # eDRV answers 201, the charger then says no
+        await wait_for(lambda: len(calls(rig, "A")) >= 2, 15)  # the clear: accepted by eDRV, refused later
+        # The database says the session is limited again, so that a restart still lifts it.
+        await wait_for(lambda: [st.session_id for st in bridge.store.session_states(limited_only=True)
+                                if st.session_id == a], 5)
+    finally:
+        await bridge.stop()
+    rig.sim.set_refuse(rig.station_ids["A"], None)
+    before = len(calls(rig, "A"))
+    again = await started(rig)
+    try:
+        await wait_for(lambda: not again.store.session_states(limited_only=True), 15)
+        await again.engine.settle()
+    finally:
+        await again.stop()
+    after = calls(rig, "A")[before:]
+    assert after and after[-1] in (("clear_power_limit", {}), ("set_power_limit", {"unit": "current", "limit": 32}))
+    await wait_for(lambda: rig.sim.session_limit(a) in (None, 32), 5)  # the EV follows a moment later

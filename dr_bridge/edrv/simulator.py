@@ -270,6 +270,12 @@ class EdrvSimulator:
             kind = "online" if online else "offline"
             self._webhook("chargestation", f"chargestation.{kind}", self._station_json(station))
 
+    def set_refuse(self, station_id: str, refuse: Refuse) -> None:
+        """From now on the station refuses limit calls (by HTTP 400 or by outcome webhook), or obeys again."""
+        if refuse not in (None, "http", "webhook"):
+            raise ValueError(f"bad refuse {refuse!r}")
+        self._stations[station_id].refuse = refuse
+
     def clear_requests(self) -> None:
         self.requests.clear()
 
