@@ -108,7 +108,9 @@ class Engine:
             ev = event_from_json(row.event_json)
             live = LiveEvent(ev, row.offset_s, row.opt or OPT_OUT, row.opt_reason or "", row.status, row.dry_run,
                              {s.id for s in select_stations(ev, list(self.fleet.stations.values()), self.ven_id)})
-            live.opted_out = {o.resource_id for o in self.store.opt_outs(ev.event_id) if o.resource_id}
+            opt_outs = [o for o in self.store.opt_outs(ev.event_id) if o.resource_id]
+            live.opted_out = {o.resource_id for o in opt_outs}
+            live.offline = {o.resource_id for o in opt_outs if _outage(o)}  # opted out until back online
             self.events[ev.event_id] = live
             log.info("resuming event %s (%s, modification %d)", ev.event_id, row.status, ev.modification_number)
         for st in self.store.session_states(limited_only=True):
@@ -248,7 +250,7 @@ class Engine:
             opt, reason = OPT_IN, f"{len(stations)} station(s) targeted"
         status = schedule.status_at(ev, self.clock(), offset, self.cfg.bridge.max_event_hours)
         live = LiveEvent(ev, offset, opt, reason, status, dry, {s.id for s in stations},
-                         prev.opted_out if prev else set())
+                         prev.opted_out if prev else set(), prev.offline if prev else set())
         self.events[ev.event_id] = live
         self._skip_unavailable(live, self.store.availability_windows(ev.start))
         self._persist(live)
@@ -691,7 +693,10 @@ class Engine:
             self.kick()
             return
         for live in self.events.values():
-            if live.acting and live.status == ACTIVE and station_id in live.station_ids:
+            # Already opted out (by the operator, an availability window or non-compliance): that stands, and
+            # the station's return must not undo it.
+            if live.acting and live.status == ACTIVE and station_id in live.station_ids \
+                    and station.resource_id not in live.opted_out:
                 await self._noncompliant("", station, live.event.event_id, "station offline (outageRunStatus)",
                                          opt_reason="outageRunStatus")
                 live.offline.add(station.resource_id)
@@ -797,3 +802,8 @@ class Engine:
                                              source="operator", applied=True))
             log.info("event %s: resource %s is skipped: %s (operator availability)", ev.event_id, resource_id,
                      reason)
+
+
+def _outage(row: OptOutRow) -> bool:
+    """The bridge's own opt-out for a station that went offline (undone when it is back online)."""
+    return row.source == "automatic" and row.opt_reason == "outageRunStatus"

@@ -80,6 +80,49 @@ async def test_a_station_that_goes_offline_mid_event_is_reported_as_an_outage(ri
     assert opts_for(rig, "B") == []
 
 
+LIMIT_16 = ("set_power_limit", {"unit": "current", "limit": 16})
+
+
+@pytest.mark.parametrize("rig", [{"webhooks": True}], indirect=True)
+async def test_a_station_back_online_keeps_the_operators_opt_out(rig, bridge, tmp_path):
+    event_id = rig.vtn.add_event(bridge.ven.ven_id, intervals=[(soon(2), timedelta(seconds=60), 2)])
+    await wait_for(lambda: calls(rig, "A") and calls(rig, "B"), 15)
+    assert cli(rig, tmp_path, "opt-out", event_id, "--resource", "A").exit_code == 0
+    await wait_for(lambda: len(calls(rig, "A")) == 2, 10)  # restored at once
+    rig.sim.set_online(rig.station_ids["A"], False)
+    rig.sim.set_online(rig.station_ids["A"], True)
+    await wait_for(lambda: len(calls(rig, "A")) >= 3, 10)  # a reconnected charger is told its state again
+    await asyncio.sleep(1)
+    await bridge.engine.settle()
+    assert LIMIT_16 not in calls(rig, "A")[1:] and calls(rig, "A")[2] == ("clear_power_limit", {})
+    assert [o["opt_reason"] for o in opts_for(rig, "A")] == ["overrideStatus"]  # no outage opt on top
+
+
+@pytest.mark.parametrize("rig", [{"webhooks": True}], indirect=True)
+async def test_a_station_offline_across_a_restart_is_limited_again_when_it_is_back(rig, tmp_path):
+    first = Bridge(rig.config(), API_KEY, vtn_backoff_s=0.2)
+    await first.start()
+    try:
+        await wait_for(lambda: first.ven.registered, 15)
+        event_id = rig.vtn.add_event(first.ven.ven_id, intervals=[(soon(2), timedelta(seconds=60), 2)])
+        await wait_for(lambda: calls(rig, "A") and calls(rig, "B"), 15)
+        rig.sim.set_online(rig.station_ids["A"], False)
+        await wait_for(lambda: opts_for(rig, "A"), 10)
+    finally:
+        await first.stop()
+    again = Bridge(rig.config(), API_KEY, vtn_backoff_s=0.2)
+    await again.start()
+    try:
+        await wait_for(lambda: again.ven.registered, 15)
+        await asyncio.sleep(1)  # its first pass: A stays opted out while offline (its restore is refused)
+        before = len(calls(rig, "A"))
+        rig.sim.set_online(rig.station_ids["A"], True)
+        await wait_for(lambda: LIMIT_16 in calls(rig, "A")[before:], 10)
+    finally:
+        await again.stop()
+    assert [o["event_id"] for o in opts_for(rig, "A")] == [event_id]
+
+
 async def test_operator_opt_outs_reach_the_vtn_and_restore_within_5_seconds(rig, bridge, tmp_path):
     s = soon(2)
     event_id = rig.vtn.add_event(bridge.ven.ven_id, intervals=[(s, timedelta(seconds=60), 2)])
