@@ -358,6 +358,9 @@ class Dispatcher:
                     return "ended"
                 return "rejected"
             except EdrvError as exc:  # server or transport: retry with backoff, then give up on this action
+                # The call may have reached the charger all the same (a timeout, a 5xx from a gateway): what
+                # eDRV holds is unknown now, so whatever is wanted next is sent, a restore included.
+                slot.applied = None
                 if attempts >= 5:
                     await self._update(action_id, status="failed", attempts=attempts, detail=str(exc)[:500])
                     return "failed"

@@ -103,3 +103,27 @@ async def test_a_restore_the_charger_refuses_after_edrv_accepted_it_survives_a_r
     after = calls(rig, "A")[before:]
     assert after and after[-1] in (("clear_power_limit", {}), ("set_power_limit", {"unit": "current", "limit": 32}))
     await wait_for(lambda: rig.sim.session_limit(a) in (None, 32), 5)  # the EV follows a moment later
+
+
+@pytest.mark.parametrize("rig", [{"stations": [StationSpec("A")], "edrv": {"retry_backoff_s": 5}}], indirect=True)
+async def test_a_limit_that_may_have_landed_is_lifted_when_its_event_is_cancelled(rig, bridge):
+    # Limited, then restored in a level-0 gap; the next limit reaches the charger but eDRV's gateway answers
+    # 504, and while the bridge waits to try again the event is cancelled: the session must be restored,
+    # although the last restore the bridge knows of went through.
+    s = soon(2)
+    event_id = rig.vtn.add_event(bridge.ven.ven_id, intervals=[
+        (s, timedelta(seconds=2), 2), (s + timedelta(seconds=2), timedelta(seconds=2), 0),
+        (s + timedelta(seconds=4), timedelta(seconds=60), 3)])
+    await wait_for(lambda: len(calls(rig, "A")) >= 2, 15)
+    rig.sim.faults.methods = ("POST",)
+    rig.sim.faults.fail_after_effect_next(1)
+    await wait_for(lambda: len(calls(rig, "A")) >= 3, 15)
+    rig.vtn.cancel_event(event_id)
+    await wait_for(lambda: len(calls(rig, "A")) >= 4, 10)
+    await bridge.engine.settle()
+    assert a_calls(rig) == [("set_power_limit", 16), ("clear_power_limit", None), ("set_power_limit", 6),
+                            ("clear_power_limit", None)]
+    (a,) = rig.sessions["A"]
+    await wait_for(lambda: rig.sim.session_limit(a) is None, 5)
+    assert [(x.kind, x.status) for x in bridge.store.actions(event_id)][2:] == [
+        ("set_power_limit", "skipped"), ("clear_power_limit", "requested")]

@@ -61,11 +61,17 @@ class Faults:
     drop_webhook_rate: float = 0.0
     methods: tuple[str, ...] | None = None  # e.g. ("POST",): faults hit only limit calls, not listings
     _fail_next: list[int] = field(default_factory=list)
+    _fail_after_next: list[int] = field(default_factory=list)
     _drop_next: int = 0
 
     def fail_next(self, n: int = 1, status: int = 503) -> None:
         """The next n API requests fail with `status` (429 carries Retry-After), before any effect."""
         self._fail_next.extend([status] * n)
+
+    def fail_after_effect_next(self, n: int = 1, status: int = 504) -> None:
+        """The next n API requests take effect, then fail with `status`: a gateway that gave up waiting on a
+        backend that did the work. The client cannot tell whether its call landed."""
+        self._fail_after_next.extend([status] * n)
 
     def drop_next_webhooks(self, n: int = 1) -> None:
         self._drop_next += n
@@ -492,7 +498,10 @@ class EdrvSimulator:
             return _envelope(False, "Service unavailable (injected)", None, status)
         if body == "<invalid json>":
             return _envelope(False, "Invalid JSON body", None, 400)
-        return await self._guard(request, handler)
+        response = await self._guard(request, handler)
+        if f._fail_after_next:
+            return _envelope(False, "Gateway timeout (injected, after the effect)", None, f._fail_after_next.pop(0))
+        return response
 
     @staticmethod
     async def _guard(request: web.Request, handler: Callable) -> web.StreamResponse:
