@@ -392,8 +392,11 @@ class Dispatcher:
         return base * random.uniform(0.8, 1.2)
 
     async def _wait(self, slot: _Slot, seconds: float) -> None:
-        """Sleep, but wake as soon as a newer desired state arrives."""
+        """Sleep, but wake as soon as a newer desired state arrives (or forget() asks to send again now)."""
         try:
             await asyncio.wait_for(slot.changed.wait(), timeout=max(0.0, seconds))
         except asyncio.TimeoutError:
             pass
+        # Woken once: the callers look at the desired state itself. Left set, every later wait of this worker
+        # would return at once, and a retry loop would ignore its backoff and eDRV's Retry-After.
+        slot.changed.clear()

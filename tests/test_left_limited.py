@@ -2,6 +2,7 @@
 loopback, the whole bridge): every one must end with the session restored in eDRV and in the event log."""
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 import pytest
@@ -127,3 +128,14 @@ async def test_a_limit_that_may_have_landed_is_lifted_when_its_event_is_cancelle
     await wait_for(lambda: rig.sim.session_limit(a) is None, 5)
     assert [(x.kind, x.status) for x in bridge.store.actions(event_id)][2:] == [
         ("set_power_limit", "skipped"), ("clear_power_limit", "requested")]
+
+
+@pytest.mark.parametrize("rig", [{"webhooks": True, "stations": [StationSpec("A")]}], indirect=True)
+async def test_a_reconnecting_charger_does_not_make_retries_ignore_retry_after(rig, bridge):
+    rig.sim.faults.update(rate_limit_rate=1.0, retry_after_s=30)
+    rig.sim.faults.methods = ("POST",)
+    rig.vtn.add_event(bridge.ven.ven_id, intervals=[(soon(2), timedelta(seconds=60), 2)])
+    await wait_for(lambda: calls(rig, "A"), 15)  # answered 429, Retry-After: 30
+    rig.sim.set_online(rig.station_ids["A"], True)  # "reconnected": send the limit again now, once
+    await asyncio.sleep(2)
+    assert len(calls(rig, "A")) == 2
