@@ -138,6 +138,8 @@ class Dispatcher:
         if slot is None or slot.ended or slot.desired is None:
             return
         if purpose == "restore":
+            if slot.desired.kind != "restore":
+                return  # refused a restore no longer wanted; it must not count against the new limit
             slot.clear_refused = True
             slot.rejections += 1
             if slot.applied == RESTORED:  # retry later, not in a tight loop against a refusing charger
