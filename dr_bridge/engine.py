@@ -645,6 +645,9 @@ class Engine:
         done.add_done_callback(lambda _: self._finalising.discard(row.id))
         if status == "rejected":
             log.warning("charger refused %s for session %s (%s)", row.kind, row.session_id, env.type)
+            if row.purpose == "restore" and not self.dispatcher.known(row.session_id):
+                self._restore_again(row.session_id, row.chargestation_id, row.event_id, "its restore was refused")
+                return
             key = (row.unit, row.limit) if row.purpose == "limit" else None
             self.dispatcher.refused_later(row.session_id, row.purpose, key)
 
@@ -721,7 +724,23 @@ class Engine:
         log.warning("no outcome within %g s for %d call(s), counted as failed: %s%s", timeout_s, len(rows), examples,
                     ", ..." if len(rows) > 5 else "")
         for row in rows:
-            self.dispatcher.unanswered(row.session_id, row.purpose, (row.unit, row.limit))
+            if row.purpose == "restore" and not self.dispatcher.known(row.session_id):
+                self._restore_again(row.session_id, row.chargestation_id, row.event_id, "its restore went unanswered")
+            else:
+                self.dispatcher.unanswered(row.session_id, row.purpose, (row.unit, row.limit))
+
+    def _restore_again(self, session_id: str, station_id: str, event_id: str | None, why: str) -> None:
+        """A restore that did not take, for a session this run has not dispatched: eDRV accepted it before a
+        restart, and the charger's answer came after. Limited again as far as the database knows, and
+        restored again (an ended session answers 404 and is let go)."""
+        station = self.fleet.stations.get(station_id)
+        if station is None:
+            log.error("session %s may still be limited (%s) on station %s, which is no longer configured: add "
+                      "the station back to the config to restore it", session_id, why, station_id)
+            return
+        log.warning("session %s: %s; restoring it again", session_id, why)
+        self.journal.submit(("state", session_id, {"limited": True}))
+        self.dispatcher.want(session_id, station, Desired("restore", event_id=event_id))
 
     async def _prune(self) -> None:
         self.store.prune(utcnow() - timedelta(days=self.cfg.bridge.readings_retention_days))

@@ -139,3 +139,31 @@ async def test_a_reconnecting_charger_does_not_make_retries_ignore_retry_after(r
     rig.sim.set_online(rig.station_ids["A"], True)  # "reconnected": send the limit again now, once
     await asyncio.sleep(2)
     assert len(calls(rig, "A")) == 2
+
+
+@pytest.mark.parametrize("rig", [{"webhooks": True, "stations": [StationSpec("A")]}], indirect=True)
+async def test_a_restore_refused_after_a_restart_is_sent_again(rig):
+    first = await started(rig)
+    try:
+        rig.vtn.add_event(first.ven.ven_id, intervals=[(soon(2), timedelta(seconds=2), 2)])
+        await wait_for(lambda: calls(rig, "A"), 15)
+        rig.sim.outcome_delay_s = 4  # the charger's answer comes after the restart
+        rig.sim.set_refuse(rig.station_ids["A"], "webhook")
+        await wait_for(lambda: len(calls(rig, "A")) >= 2, 15)  # the clear: accepted by eDRV (201)
+    finally:
+        await first.stop()
+    rig.sim.set_refuse(rig.station_ids["A"], None)
+    rig.sim.outcome_delay_s = 0.05
+    (a,) = rig.sessions["A"]
+    again = await started(rig)
+    try:
+        assert again.store.session_states(limited_only=True) == []  # the database took it for restored
+        await wait_for(lambda: len(calls(rig, "A")) >= 3, 15)  # then the refusal came, and another restore
+        await wait_for(lambda: rig.sim.session_limit(a) in (None, 32), 5)
+        await again.engine.settle()
+        assert again.store.session_states(limited_only=True) == []
+    finally:
+        await again.stop()
+    # the last a clear, or the station's maximum where this run had not yet read the station's kind
+    assert calls(rig, "A")[1:] in ([("clear_power_limit", {})] * 2, [
+        ("clear_power_limit", {}), ("set_power_limit", {"unit": "current", "limit": 32})])
