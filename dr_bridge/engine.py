@@ -104,6 +104,9 @@ class Engine:
     async def start(self) -> None:
         """Rebuild from the database: live events, their jobs, and what each session holds."""
         self.ven_id = self.store.ven_state().ven_id or self.ven_id
+        if interrupted := self.store.fail_interrupted_actions():
+            log.warning("%d call(s) of the last run have no recorded outcome (it stopped meanwhile): marked failed; "
+                        "what is still wanted is sent again", interrupted)
         for row in self.store.events(statuses=[PENDING, ACTIVE]) + self._spreading_events():
             ev = event_from_json(row.event_json)
             live = LiveEvent(ev, row.offset_s, row.opt or OPT_OUT, row.opt_reason or "", row.status, row.dry_run,

@@ -423,6 +423,15 @@ class Store:
             s.commit()
             return row
 
+    def fail_interrupted_actions(self) -> int:
+        """Calls written before they were sent whose outcome the last run did not record (it stopped or was
+        killed meanwhile): marked failed, so no row stays 'planned'; the restart sends what is still wanted."""
+        t = ActionRow.__table__
+        with self.engine.begin() as conn:
+            return conn.execute(t.update().where(t.c.bridge == self.bridge, t.c.status == "planned").values(
+                status="failed", detail="interrupted: the bridge stopped before this call's outcome was recorded",
+                updated_at=utcnow())).rowcount
+
     @staticmethod
     def _update_action(s: Session, action_id: int, changes: dict[str, Any]) -> ActionRow | None:
         row = s.get(ActionRow, action_id)

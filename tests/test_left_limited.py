@@ -167,3 +167,26 @@ async def test_a_restore_refused_after_a_restart_is_sent_again(rig):
     # the last a clear, or the station's maximum where this run had not yet read the station's kind
     assert calls(rig, "A")[1:] in ([("clear_power_limit", {})] * 2, [
         ("clear_power_limit", {}), ("set_power_limit", {"unit": "current", "limit": 32})])
+
+
+@pytest.mark.parametrize("rig", [one_station()], indirect=True)
+async def test_a_call_cut_short_by_a_stop_is_marked_failed_at_the_next_start_and_sent_again(rig):
+    first = await started(rig)
+    try:
+        rig.sim.faults.methods = ("POST",)
+        rig.sim.faults.update(latency_s=3)  # the call is still on its way when the bridge stops
+        event_id = rig.vtn.add_event(first.ven.ven_id, intervals=[(soon(2), timedelta(seconds=60), 2)])
+        await wait_for(lambda: first.store.action_counts(event_id).get("planned"), 15)
+    finally:
+        await first.stop()
+    assert first.store.action_counts(event_id) == {"planned": 1}
+    rig.sim.faults.update(latency_s=0)
+    again = await started(rig)
+    try:
+        await wait_for(lambda: again.store.action_counts(event_id).get("requested"), 15)
+        await again.engine.settle()
+        rows = [(a.kind, a.status, a.limit) for a in again.store.actions(event_id)]
+        assert rows == [("set_power_limit", "failed", 16), ("set_power_limit", "requested", 16)]
+        assert "interrupted" in again.store.actions(event_id)[0].detail
+    finally:
+        await again.stop()
