@@ -228,9 +228,15 @@ class Engine:
     def _handle_event(self, ev: Event) -> tuple[str, str]:
         prev = self.events.get(ev.event_id)
         row = self.store.get_event(ev.event_id)
-        if row is not None and row.modification_number == ev.modification_number and not ev.cancelled:
-            return row.opt or OPT_OUT, row.opt_reason or "already answered"  # a re-sent event: same answer
-        offset = row.offset_s if row is not None else schedule.draw_offset(ev.start_after, self.rng)
+        if row is not None and row.modification_number == ev.modification_number and (
+                not ev.cancelled or row.status == CANCELLED):
+            # A re-sent event: the same answer. A re-sent cancellation changes nothing either, and rewriting
+            # the row would move the time it records for the cancellation.
+            return row.opt or OPT_OUT, row.opt_reason or "already answered"
+        # A modification keeps the offset drawn first, but never beyond its own randomisation window: an
+        # event escalated to start at once must not start late.
+        offset = min(row.offset_s, ev.start_after.total_seconds()) if row is not None \
+            else schedule.draw_offset(ev.start_after, self.rng)
         stations = select_stations(ev, list(self.fleet.stations.values()), self.ven_id)
         dry = self.dry_run or (ev.test_event and self.cfg.bridge.test_events == "log")
         if ev.cancelled:

@@ -284,3 +284,20 @@ async def test_the_scheduled_passes_run_on_the_engines_own_event_loop(rig, bridg
     rig.vtn.add_event(bridge.ven.ven_id, intervals=[(start, timedelta(seconds=2), 2)])
     await wait_for(lambda: a_calls(rig) == [("set_power_limit", 16), ("clear_power_limit", None)], 15)
     assert len(threads) >= 2 and set(threads) == {threading.get_ident()}  # the start's and the end's, at least
+
+
+@pytest.mark.parametrize("rig", [one_station()], indirect=True)
+async def test_a_modification_that_narrows_the_randomisation_window_narrows_the_offset(rig, bridge):
+    from dataclasses import replace
+
+    from dr_bridge.domain import Event, SignalInterval
+    s = soon(600)
+    ev = Event("E-WINDOW", 0, s, s + timedelta(hours=1), [SignalInterval("SIMPLE", "level", s, s + timedelta(hours=1),
+                                                                           2.0)], start_after=timedelta(minutes=30))
+    bridge.engine.rng.seed(1)  # a draw well inside the 30 minutes
+    await bridge.engine.handle_event(ev)
+    assert bridge.store.get_event("E-WINDOW").offset_s > 60
+    await bridge.engine.handle_event(replace(ev, modification_number=1, start_after=timedelta(seconds=60)))
+    assert bridge.store.get_event("E-WINDOW").offset_s <= 60  # escalated: at most its new window late
+    await bridge.engine.handle_event(replace(ev, modification_number=2, start_after=timedelta(0)))
+    assert bridge.store.get_event("E-WINDOW").offset_s == 0
