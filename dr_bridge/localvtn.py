@@ -140,6 +140,7 @@ class LocalVtn:
         self.telemetry: list[dict] = []  # every received value: ven_id, resource_id, measurement, at, value
         self._vens: dict[str, dict] = {}
         self._event_ven: dict[str, str] = {}  # event_id -> ven_id
+        self._added: dict[str, objects.Event] = {}  # event_id -> the event as last added or changed
         self._started = False
 
         with warnings.catch_warnings():
@@ -245,6 +246,7 @@ class LocalVtn:
         # add_raw_event rebuilds active_period from the intervals, dropping tolerance/ramp/recovery (#187).
         event.active_period = active_period
         self._event_ven[event_id] = ven_id
+        self._added[event_id] = event
         return event_id
 
     def modify_event(self, event_id: str, *, intervals: list[IntervalSpec] | None = None,
@@ -266,6 +268,14 @@ class LocalVtn:
 
     def cancel_event(self, event_id: str) -> None:
         self.server.cancel_event(self._event_ven[event_id], event_id)
+
+    def relist_event(self, event_id: str) -> None:
+        """List an event again as it last was, a cancelled one included: as a VTN does that missed the VEN's
+        confirmation, or that lists cancelled events until their end (the stock one drops them once confirmed)."""
+        ven_id, event = self._event_ven[event_id], self._added[event_id]
+        if event not in self.server.events[ven_id]:
+            self.server.events[ven_id].append(event)
+        self.server.events_updated[ven_id] = True
 
     def remove_event(self, event_id: str) -> None:
         """Drop the event without a cancellation: the next distribution simply lacks it (implied cancel)."""

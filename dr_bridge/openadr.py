@@ -253,6 +253,24 @@ class _Client(OpenADRClient):
             await self._after_registration()
         return result
 
+    async def _on_event(self, message: dict) -> None:
+        # openleadr forgets its answer to a cancelled or completed event but keeps the event for minutes.
+        # Listed again unchanged (our confirmation was lost, or the VTN keeps listing it), it would look that
+        # answer up, fail, and opt out of every event in the message, new ones unseen by the bridge. Such
+        # an event is handed to the bridge again instead, which answers a repeat from its event log.
+        for event in message.get("events") or []:
+            d = event.get("event_descriptor") or {}
+            self.forget_event(d.get("event_id"), unless_answered=True)
+        await super()._on_event(message)
+
+    def forget_event(self, event_id: str | None, unless_answered: bool = False) -> None:
+        """openleadr hands an event it holds to the bridge only when its modification number changes; a
+        forgotten one is handed over again the next time the VTN lists it."""
+        if event_id is None or (unless_answered and event_id in self.responded_events):
+            return
+        utils.pop_by(self.received_events, "event_descriptor.event_id", event_id)
+        self.responded_events.pop(event_id, None)
+
     async def create_party_reregistration(self, registration_id: str | None = None) -> None:
         # openleadr stops the whole client (scheduler and session) when re-registration fails, so the VEN
         # would never poll again. Keep polling instead: the VTN asks again on the next poll.

@@ -287,6 +287,22 @@ async def test_the_scheduled_passes_run_on_the_engines_own_event_loop(rig, bridg
 
 
 @pytest.mark.parametrize("rig", [one_station()], indirect=True)
+async def test_a_cancelled_event_listed_again_does_not_hide_a_new_one(rig, bridge):
+    first = rig.vtn.add_event(bridge.ven.ven_id, intervals=[(soon(30), timedelta(seconds=60), 1)])
+    await wait_for(lambda: rig.vtn.responses, 10)
+    rig.vtn.cancel_event(first)
+    await wait_for(lambda: bridge.store.get_event(first).status == "cancelled", 10)
+    await asyncio.sleep(1.5)  # the VTN has our confirmation, and openleadr has forgotten its answer
+    cancelled_at = bridge.store.get_event(first).updated_at
+    rig.vtn.relist_event(first)  # listed again, unchanged, beside a new event
+    second = rig.vtn.add_event(bridge.ven.ven_id, intervals=[(soon(2), timedelta(seconds=30), 2)])
+    await wait_for(lambda: calls(rig, "A"), 15)
+    assert a_calls(rig) == [("set_power_limit", 16)]
+    assert [r["opt_type"] for r in rig.vtn.responses if r["event_id"] == second] == ["optIn"]
+    assert bridge.store.get_event(first).updated_at == cancelled_at  # its cancellation, recorded once
+
+
+@pytest.mark.parametrize("rig", [one_station()], indirect=True)
 async def test_a_modification_that_narrows_the_randomisation_window_narrows_the_offset(rig, bridge):
     from dataclasses import replace
 
