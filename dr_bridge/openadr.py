@@ -580,4 +580,8 @@ class Ven:
             return False
         if not result or result[0] != "oadrResponse":
             return False
-        return (result[1].get("response") or {}).get("response_code") == 200
+        acknowledged = (result[1].get("response") or {}).get("response_code") == 200
+        if acknowledged and event_id in client.responded_events:
+            # openleadr answers a re-sent event with what it answered first, without asking the bridge
+            client.responded_events[event_id] = opt_type
+        return acknowledged

@@ -303,6 +303,26 @@ async def test_a_cancelled_event_listed_again_does_not_hide_a_new_one(rig, bridg
 
 
 @pytest.mark.parametrize("rig", [one_station()], indirect=True)
+async def test_an_event_the_operator_opted_out_of_stays_opted_out_when_the_vtn_sends_it_again(rig, bridge,
+                                                                                                  tmp_path):
+    from typer.testing import CliRunner
+
+    from dr_bridge.cli import app
+    first = rig.vtn.add_event(bridge.ven.ven_id, intervals=[(soon(2), timedelta(seconds=60), 2)])
+    await wait_for(lambda: calls(rig, "A"), 15)
+    result = CliRunner().invoke(app, ["opt-out", first, "--config", str(rig.write_config(tmp_path / "b.toml"))])
+    assert result.exit_code == 0, result.output
+
+    def answers():
+        return [r["opt_type"] for r in rig.vtn.responses if r["event_id"] == first]
+
+    await wait_for(lambda: answers() == ["optIn", "optOut"], 10)
+    rig.vtn.add_event(bridge.ven.ven_id, intervals=[(soon(60), timedelta(seconds=60), 1)])  # all sent again
+    await wait_for(lambda: len(answers()) >= 3, 10)
+    assert answers()[2:] == ["optOut"]
+
+
+@pytest.mark.parametrize("rig", [one_station()], indirect=True)
 async def test_a_modification_that_narrows_the_randomisation_window_narrows_the_offset(rig, bridge):
     from dataclasses import replace
 
