@@ -273,10 +273,14 @@ class Engine:
         return opt, reason
 
     async def handle_event_list(self, event_ids: set[str]) -> None:
-        """An event that disappears from the VTN's list counts as cancelled (OpenADR implied cancel)."""
+        """An event that disappears from the VTN's list counts as cancelled (OpenADR implied cancel), unless
+        its end has passed: a VTN stops listing an event once it completes, and it completes here on its own
+        schedule (its randomisation offset and staggered restore included)."""
+        now = self.clock()
         async with self._lock:
             for live in list(self.events.values()):
-                if live.status in (PENDING, ACTIVE) and live.event.event_id not in event_ids:
+                if live.status in (PENDING, ACTIVE) and live.event.event_id not in event_ids \
+                        and (live.event.end is None or live.event.end > now):
                     log.warning("event %s is no longer listed by the VTN: treating it as cancelled",
                                 live.event.event_id)
                     live.event.event_status = "cancelled"

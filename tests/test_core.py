@@ -323,6 +323,20 @@ async def test_an_event_the_operator_opted_out_of_stays_opted_out_when_the_vtn_s
 
 
 @pytest.mark.parametrize("rig", [one_station()], indirect=True)
+async def test_an_event_the_vtn_stops_listing_after_its_end_is_completed_not_cancelled(rig, bridge):
+    s = soon(2)
+    # Opted out (it targets nothing here), so no job of the bridge's own marks its end.
+    event_id = rig.vtn.add_event(bridge.ven.ven_id, intervals=[(s, timedelta(seconds=2), 2)],
+                                 targets=[{"resource_id": "elsewhere"}])
+    await wait_for(lambda: rig.vtn.responses, 10)
+    await asyncio.sleep((s + timedelta(seconds=2.5) - datetime.now(timezone.utc)).total_seconds())
+    assert bridge.store.get_event(event_id).status in ("pending", "active")  # nothing looked since its end
+    rig.vtn.remove_event(event_id)  # as a VTN does with a completed event
+    await wait_for(lambda: bridge.store.get_event(event_id).status not in ("pending", "active"), 10)
+    assert bridge.store.get_event(event_id).status == "completed"
+
+
+@pytest.mark.parametrize("rig", [one_station()], indirect=True)
 async def test_a_modification_that_narrows_the_randomisation_window_narrows_the_offset(rig, bridge):
     from dataclasses import replace
 
