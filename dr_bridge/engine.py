@@ -260,9 +260,11 @@ class Engine:
         status = schedule.status_at(ev, self.clock(), offset, self.cfg.bridge.max_event_hours)
         live = LiveEvent(ev, offset, opt, reason, status, dry, {s.id for s in stations},
                          prev.opted_out if prev else set(), prev.offline if prev else set())
-        self.events[ev.event_id] = live
+        # In the database before the engine acts on it: should the database fail here, the VTN is answered
+        # optOut, and the bridge must not limit for an event it has neither recorded nor opted in to.
         self._skip_unavailable(live, self.store.availability_windows(ev.start))
         self._persist(live)
+        self.events[ev.event_id] = live
         verb = "received" if row is None else ("cancelled" if ev.cancelled else "modified")
         log.info("event %s %s (modification %d): %s, %s; %s", ev.event_id, verb, ev.modification_number,
                  opt, reason, self._describe(live))

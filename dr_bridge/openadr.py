@@ -486,7 +486,12 @@ class Ven:
                      event.event_status, opt, reason)
             return opt
         except Exception:
-            log.exception("handling event %s failed; answering optOut", event_id)
+            log.exception("handling event %s failed; answering optOut (it is handled again if re-sent)",
+                          event_id)
+            if self._client is not None:
+                # openleadr would answer every re-send with this optOut without asking again; the database
+                # may have been away only for a moment.
+                asyncio.get_running_loop().call_soon(self._client.forget_event, event_id)
             return "optOut"
 
     async def _after_parse_xml(self, message_type: str, payload: dict) -> None:

@@ -351,3 +351,30 @@ async def test_a_modification_that_narrows_the_randomisation_window_narrows_the_
     assert bridge.store.get_event("E-WINDOW").offset_s <= 60  # escalated: at most its new window late
     await bridge.engine.handle_event(replace(ev, modification_number=2, start_after=timedelta(0)))
     assert bridge.store.get_event("E-WINDOW").offset_s == 0
+
+
+@pytest.mark.parametrize("rig", [one_station()], indirect=True)
+async def test_an_event_that_arrives_while_the_database_is_away_is_handled_when_sent_again(rig, bridge,
+                                                                                           monkeypatch):
+    import sqlalchemy as sa
+    save, failed = bridge.store.save_event, []
+
+    def away_once(*args, **kwargs):
+        # The database away at the very moment the event is recorded: a moment no real outage can aim at.
+        if not failed:
+            failed.append(True)
+            raise sa.exc.OperationalError("INSERT INTO event ...", {}, Exception("the server closed the connection"))
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(bridge.store, "save_event", away_once)
+    first = rig.vtn.add_event(bridge.ven.ven_id, intervals=[(soon(60), timedelta(seconds=60), 2)])
+
+    def answers():
+        return [r["opt_type"] for r in rig.vtn.responses if r["event_id"] == first]
+
+    await wait_for(answers, 10)
+    assert answers() == ["optOut"] and bridge.store.get_event(first) is None
+    assert first not in bridge.engine.events  # nothing acts on an event it could not record
+    rig.vtn.add_event(bridge.ven.ven_id, intervals=[(soon(120), timedelta(seconds=60), 1)])  # all sent again
+    await wait_for(lambda: len(answers()) >= 2, 10)
+    assert answers() == ["optOut", "optIn"] and bridge.store.get_event(first).opt == "optIn"
