@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_late
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from dr_bridge import pages
-from dr_bridge.edrv.webhooks import BadWebhook, parse, verify
+from dr_bridge.edrv.webhooks import BadWebhook, parse, too_old_to_tell, verify
 from dr_bridge.eventlog import iso
 from dr_bridge.store import utcnow
 
@@ -103,6 +103,9 @@ class HttpServer:
             if self.secret:
                 variant = verify(request.headers.get("edrv-signature"), body, self.secret, time.time())
             env = parse(body)
+            # processed webhooks (the duplicate check) are kept as long as readings
+            too_old_to_tell(variant, env.created_at, utcnow(),
+                            self.bridge.engine.cfg.bridge.readings_retention_days * 86400)
         except BadWebhook as exc:
             log.warning("webhook from %s refused (%d): %s", peer, exc.status, exc.reason)
             return web.Response(status=exc.status)

@@ -172,6 +172,32 @@ async def test_bad_duplicate_and_out_of_order_webhooks(rig, bridge):
     assert "wh-1" in ids and ids.count("wh-1") == 1 and "wh-2" in ids
 
 
+async def test_a_webhook_signed_without_a_timestamp_is_refused_once_too_old_for_the_duplicate_check(rig, bridge):
+    # Signed over the body alone, a captured webhook verifies for ever; its _id marks a replay as a duplicate
+    # only while processed webhooks are kept (30 days here), so an older one cannot be told from a replay.
+    url = f"http://127.0.0.1:{rig.http_port}/edrv/webhooks"
+    station = rig.station_ids["A"]
+
+    def offline(wid: str, age: timedelta) -> tuple[bytes, dict[str, str]]:
+        at = (datetime.now(timezone.utc) - age).strftime("%Y-%m-%dT%H:%M:%SZ")
+        body = json.dumps({"_id": wid, "object": "chargestation", "type": "chargestation.offline",
+                           "data": {"_id": station}, "createdAt": at}).encode()
+        return body, {"edrv-signature": "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()}
+
+    async with httpx.AsyncClient() as http:
+        body, headers = offline("wh-old", timedelta(days=31))
+        old = await http.post(url, content=body, headers=headers)
+        body, headers = offline("wh-recent", timedelta(days=29))
+        recent = await http.post(url, content=body, headers=headers)
+        again = await http.post(url, content=body, headers=headers)  # a replay within the window: a duplicate
+    assert (old.status_code, recent.status_code, again.status_code) == (401, 200, 200)
+    from sqlmodel import select
+
+    from dr_bridge.store import WebhookRow
+    with bridge.store.session() as s:
+        assert sorted(w.id for w in s.exec(select(WebhookRow)) if w.id.startswith("wh-")) == ["wh-recent"]
+
+
 # --- readings and metrics --------------------------------------------------------------------------
 async def test_readings_in_both_unit_styles_are_stored_as_kw_and_metrics_parse(rig, bridge):
     await wait_for(lambda: {r.chargestation_id for r in bridge.store.readings()} >=

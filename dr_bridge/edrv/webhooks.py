@@ -15,6 +15,9 @@ from datetime import datetime, timezone
 from typing import Any
 
 MAX_SKEW_S = 300.0
+# Forms that sign the body alone, with no timestamp: a captured webhook verifies for ever. The receiver
+# refuses one whose envelope is older than its duplicate check reaches (see too_old_to_tell).
+BODY_ONLY = frozenset({"sha256 over body", "sha256 over escaped body", "v1 over body"})
 
 
 class BadWebhook(ValueError):
@@ -81,6 +84,17 @@ def verify(header: str | None, body: bytes, secret: str, now: float) -> str:
         if any(hmac.compare_digest(sig, expected) for sig in parts["v1"]):
             return name
     raise BadWebhook(401, "edrv-signature v1 does not match")
+
+
+def too_old_to_tell(variant: str | None, created_at: datetime | None, now: datetime, dedup_s: float) -> None:
+    """A webhook signed over its body alone can be replayed; within dedup_s its _id still marks it as seen,
+    beyond that nothing could tell a replay apart: refused (401). Without createdAt only the _id guards."""
+    if variant not in BODY_ONLY or created_at is None:
+        return
+    age_s = (now - created_at).total_seconds()
+    if age_s > dedup_s:
+        raise BadWebhook(401, f"signed without a timestamp and created {age_s / 86400:.1f} days ago, beyond the "
+                              f"{dedup_s / 86400:g} days in which a replay would be recognised")
 
 
 # A JSON-escaped NUL (an odd number of backslashes before u0000): PostgreSQL text cannot hold it, and no
