@@ -576,7 +576,10 @@ class Store:
     def unprocessed_webhooks(self) -> list[WebhookRow]:
         with self.session() as s:
             q = select(WebhookRow).where(WebhookRow.bridge == self.bridge, WebhookRow.processed.is_(False))
-            return list(s.exec(q.order_by(WebhookRow.received_at)))
+            # Webhooks stored in one group commit share received_at: eDRV's createdAt keeps them in order (a
+            # station's offline before its online), those without one last.
+            return list(s.exec(q.order_by(WebhookRow.received_at, WebhookRow.created_at.is_(None),
+                                          WebhookRow.created_at)))
 
     def add_reading(self, row: ReadingRow) -> None:
         self._add(row)

@@ -125,3 +125,12 @@ def test_unacknowledged_opt_outs_and_availability_windows(store):
     assert [o.resource_id for o in store.opt_outs(unacknowledged=True)] == ["R1", "R3", "R4"]
     assert store.opt_outs("E1")[0].opt_reason == "overrideStatus"
     assert [w.resource_id for w in store.availability_windows(T0)] == ["R3"]
+
+
+async def test_webhooks_stored_in_one_commit_are_replayed_in_the_order_edrv_made_them(store):
+    from dr_bridge.journal import Journal
+    journal = Journal(store)
+    hooks = [("W-online", T0 + timedelta(seconds=2)), ("W-none", None), ("W-offline", T0 + timedelta(seconds=1))]
+    await journal.write(*(("webhook", dict(id=wid, type="chargestation.x", created_at=at, body="{}"), {})
+                          for wid, at in hooks))
+    assert [w.id for w in store.unprocessed_webhooks()] == ["W-offline", "W-online", "W-none"]
