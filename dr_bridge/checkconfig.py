@@ -50,7 +50,8 @@ def config_warnings(cfg: Config) -> list[tuple[str, str]]:
                                              "dr-bridge run will refuse to start without the eDRV API key"))
     if cfg.edrv.webhook_secret_env and cfg.webhook_secret() is None:
         warnings.append(("edrv.webhook_secret_env", f"environment variable {cfg.edrv.webhook_secret_env} "
-                                                    "is not set; webhooks cannot be verified"))
+                                                    "is not set; dr-bridge run will refuse to start without "
+                                                    "the webhook secret"))
     if cfg.http.token_env and cfg.http_token() is None:
         warnings.append(("http.token_env", f"environment variable {cfg.http.token_env} is not set; "
                                            "the event-log pages cannot be opened"))

@@ -77,6 +77,10 @@ def run_command(config: str = ConfigOpt,
                 debug: bool = DebugOpt) -> None:
     cfg = config_or_exit(config)
     key = api_key_or_exit(cfg)
+    if cfg.edrv.webhook_secret_env and not cfg.webhook_secret():
+        # Started without it, the bridge would take unsigned webhooks from anyone who can reach it.
+        fail(f"environment variable {cfg.edrv.webhook_secret_env} is not set (the eDRV webhook secret; "
+             f"edrv.webhook_secret_env in {cfg.path})", 2)
     setup_logging(debug)
     from dr_bridge.daemon import AlreadyRunning, StationConflict, run_daemon
 

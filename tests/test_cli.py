@@ -99,3 +99,19 @@ def test_a_long_event_shows_its_calls_counted_and_its_problems_however_far_down(
     whole = runner.invoke(app, ["events", "show", "E-LONG", "--config", str(path), "--all"])
     assert whole.exit_code == 0 and "more timeline rows" not in whole.stdout
     assert all(f"…{i:08d}" in whole.stdout for i in range(0, n, 97))
+
+
+def test_run_refuses_to_start_when_the_webhook_secret_it_names_is_not_set(tmp_path, monkeypatch):
+    # Started without it the bridge would take unsigned webhooks (a forged chargestation.offline opts a
+    # station out and tells the utility): a named secret that is missing stops the start, like the API key.
+    path = tmp_path / "bridge.toml"
+    path.write_text(f'[bridge]\ndatabase_url = "sqlite:///{tmp_path / "b.db"}"\n'
+                    '[vtn]\nurl = "http://127.0.0.1:9/OpenADR2/Simple/2.0b"\nven_name = "secret-check"\n'
+                    '[edrv]\napi_key_env = "TEST_EDRV_KEY"\nwebhook_secret_env = "TEST_EDRV_WEBHOOK_SECRET"\n'
+                    '[[chargestations]]\nid = "C1"\nmax_current = 32\n')
+    monkeypatch.setenv("TEST_EDRV_KEY", "k")
+    monkeypatch.delenv("TEST_EDRV_WEBHOOK_SECRET", raising=False)
+    out = CliRunner().invoke(app, ["run", "--config", str(path)])
+    assert out.exit_code == 2
+    assert "TEST_EDRV_WEBHOOK_SECRET" in out.output and "edrv.webhook_secret_env" in out.output
+    assert not (tmp_path / "b.db").exists()  # refused before anything started
