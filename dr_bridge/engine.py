@@ -432,7 +432,8 @@ class Engine:
             return schedule.effective_end(live.event, live.offset_s, self.cfg.bridge.max_event_hours)
 
         wishes = sharing.wishes(plan, stations, sessions, shared, until)
-        self.store.set_shared_limits(wishes)
+        # published with the event's id (the owner is (event id, dry); a dry run publishes no wish)
+        self.store.set_shared_limits({sid: (watts, owner[0], lapse) for sid, (watts, owner, lapse) in wishes.items()})
         if wishes != self._wished:
             # Another bridge may be planning these stations this very moment, before this wish was in the
             # database: its looser limit could land after ours. Both look again shortly and agree then.

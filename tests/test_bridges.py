@@ -228,3 +228,28 @@ def test_a_retired_bridge_frees_its_stations_once_it_owes_nothing(db_url, tmp_pa
     finally:
         a.close()
         b.close()
+
+
+async def test_a_shared_station_on_sqlite_is_limited_and_its_wish_names_the_event(tmp_path):
+    r = Rig(tmp_path, [StationSpec("SHARED", sessions=1)])  # the default event log: SQLite
+    await r.start()
+    try:
+        d = copy.deepcopy(r.config_dict())
+        d["chargestations"][0]["shared"] = True
+        b = Bridge(config_from_dict(d, source="shared"), API_KEY, vtn_backoff_s=0.2, http=False)
+        await b.start()
+        try:
+            await wait_for(lambda: b.ven.registered, 15)
+            event_id = r.vtn.add_event(b.ven.ven_id, intervals=[(soon(2), timedelta(seconds=30), 2)])
+            session = r.sessions["SHARED"][0]
+            await wait_for(lambda: r.sim.session_limit(session) == 16, 15)
+            from sqlmodel import select
+
+            from dr_bridge.store import SharedLimit
+            with b.store.session() as s:
+                wishes = [(w.chargestation_id, w.event_id) for w in s.exec(select(SharedLimit))]
+            assert wishes == [(r.station_ids["SHARED"], event_id)]
+        finally:
+            await b.stop()
+    finally:
+        await r.stop()
