@@ -14,6 +14,7 @@ from typing import NoReturn
 
 import typer
 from rich import box
+from sqlalchemy.engine import url as sa_url
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -166,7 +167,11 @@ def _flag(value: bool) -> str:
 
 
 def _without_password(url: str) -> str:
-    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", url)
+    # SQLAlchemy's own parse: a password may hold "/" or "@", which a pattern would cut short and print
+    try:
+        return sa_url.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy reads: say nothing of it rather than risk the password
+        return re.sub(r"://.*@", "://***@", url)
 
 
 def _fail(message: str) -> NoReturn:

@@ -334,3 +334,13 @@ def test_config_error_is_one_line_with_file_and_key(tmp_path: Path):
     assert "\n" not in message
     assert message == f"{path}: chargestations[1].max_current: must be greater than 0 (and 1 more problem)"
     assert raised.value.key == "chargestations[1].max_current"
+
+
+@pytest.mark.parametrize("password", ["pa/ss", "p@ss:w/rd"])
+def test_check_config_never_prints_the_database_password(tmp_path: Path, password: str):
+    from urllib.parse import quote
+    url = f"postgresql+psycopg://bridge:{quote(password, safe='/')}@db.example/dr"
+    result = check_config(write(tmp_path, BASE.replace('below_min = "min"', f'below_min = "min"\ndatabase_url = "{url}"')))
+    assert result.exit_code == 0, result.output
+    assert "db.example/dr" in result.stdout and "***" in result.stdout
+    assert password not in result.output and quote(password, safe="/") not in result.output
