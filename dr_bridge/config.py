@@ -151,6 +151,11 @@ class HttpSection(_Section):
     def _absolute_path(cls, path: str) -> str:
         if not path.startswith("/"):
             raise ValueError("must start with /")
+        # it needs no token, so it must not be, or contain, a path the pages or their files are served on
+        if path.rstrip("/") in ("", "/events", "/static", "/healthz", "/metrics") \
+                or path.startswith(("/events/", "/static/")):
+            raise ValueError(f"{path!r} is a path the HTTP server already serves; keep the default "
+                             "/edrv/webhooks or another path of its own")
         return path
 
     @field_validator("token_env")
@@ -257,7 +262,13 @@ class Config(_Section):
     @classmethod
     def _level_keys_are_numbers(cls, levels: Any) -> Any:
         if isinstance(levels, dict):
-            return {int(k) if isinstance(k, str) and k.strip().isdigit() else k: v for k, v in levels.items()}
+            out: dict = {}
+            for k, v in levels.items():
+                key = int(k) if isinstance(k, str) and k.strip().isdigit() else k
+                if key in out:  # "1" and "01": the later would silently replace the earlier
+                    raise ValueError(f"level {key} is given twice ({k!r} and another spelling)")
+                out[key] = v
+            return out
         return levels
 
     @model_validator(mode="after")

@@ -154,6 +154,9 @@ BAD_CASES = [
      'api_key_env = "EDRV_API_KEY"\naction_timeout_s = -5', "edrv.action_timeout_s"),
     ("public host without token", 'host = "127.0.0.1"', 'host = "0.0.0.0"', "http.token_env"),
     ("string for a number", "max_current = 32", 'max_current = "32"', "chargestations[0].max_current"),
+    ("a level given twice", "2 = { fraction = 0.5 }", "2 = { fraction = 0.5 }\n02 = { fraction = 0.25 }", "levels"),
+    ("webhook path on the pages", 'host = "127.0.0.1"', 'host = "127.0.0.1"\nwebhook_path = "/events"',
+     "http.webhook_path"),
 ]
 
 
