@@ -125,13 +125,18 @@ def events_list(config: str = ConfigOpt, as_json: bool = typer.Option(False, "--
                 status: Optional[str] = typer.Option(None, "--status", help="pending|active|completed|cancelled"),
                 resource: Optional[str] = typer.Option(None, "--resource", help="Only events touching it.")) -> None:
     from dr_bridge import views
+    from dr_bridge.domain import ACTIVE, CANCELLED, COMPLETED, PENDING
     from dr_bridge.eventlog import list_events, parse_iso
+
+    statuses = (PENDING, ACTIVE, COMPLETED, CANCELLED)
 
     cfg = config_or_exit(config)
     try:
         since_dt = parse_iso(since)
     except ValueError:
         fail(f"--since: not an ISO 8601 time: {since!r}", 2)
+    if status is not None and status not in statuses:
+        fail(f"--status: {status!r} is not one of {', '.join(statuses)}", 2)  # not an empty list
     store = open_store(cfg)
     rows = list_events(store, since=since_dt, status=status, resource=resource)
     if as_json:

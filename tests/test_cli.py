@@ -115,3 +115,12 @@ def test_run_refuses_to_start_when_the_webhook_secret_it_names_is_not_set(tmp_pa
     assert out.exit_code == 2
     assert "TEST_EDRV_WEBHOOK_SECRET" in out.output and "edrv.webhook_secret_env" in out.output
     assert not (tmp_path / "b.db").exists()  # refused before anything started
+
+
+def test_events_list_refuses_an_unknown_status_rather_than_listing_nothing(tmp_path):
+    path = tmp_path / "bridge.toml"
+    path.write_text(f'[bridge]\ndatabase_url = "sqlite:///{tmp_path / "b.db"}"\n'
+                    '[vtn]\nurl = "http://127.0.0.1:9/OpenADR2/Simple/2.0b"\n[[chargestations]]\nid = "C1"\n'
+                    'max_current = 32\n')
+    out = CliRunner().invoke(app, ["events", "list", "--config", str(path), "--status", "finished", "--json"])
+    assert out.exit_code == 2 and "--status" in out.output and "completed" in out.output
