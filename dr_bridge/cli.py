@@ -138,7 +138,7 @@ def events_list(config: str = ConfigOpt, as_json: bool = typer.Option(False, "--
     if status is not None and status not in statuses:
         fail(f"--status: {status!r} is not one of {', '.join(statuses)}", 2)  # not an empty list
     store = open_store(cfg)
-    rows = list_events(store, since=since_dt, status=status, resource=resource)
+    rows = list_events(store, since=since_dt, status=status, resource=resource, stations=cfg.stations())
     if as_json:
         print(json.dumps(rows, indent=2))
     else:

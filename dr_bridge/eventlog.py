@@ -11,8 +11,9 @@ from dataclasses import asdict
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from dr_bridge.domain import Event, SignalInterval
+from dr_bridge.domain import Event, SignalInterval, Station
 from dr_bridge.store import EventRow, Store
+from dr_bridge.targets import select_by_targets
 
 
 def iso(dt: datetime | None) -> str | None:
@@ -93,12 +94,20 @@ def event_detail(store: Store, event_id: str, limit: int | None = None, offset: 
 
 
 def list_events(store: Store, *, since: datetime | None = None, status: str | None = None,
-                resource: str | None = None) -> list[dict[str, Any]]:
+                resource: str | None = None, stations: list[Station] | None = None) -> list[dict[str, Any]]:
+    """With `resource`: the events that touched it (an action on it) or targeted it: named it, or, given the
+    configured stations, selected it as the bridge selects (by its group, or the whole VEN)."""
     rows = store.events(statuses=[status] if status else None, since=since)
     if resource:
         touched = store.event_ids_touching(resource)
-        rows = [r for r in rows if r.event_id in touched or resource in json.loads(r.event_json)
-                .get("targets", {}).get("resource_id", [])]
+        mine = [s for s in stations or [] if s.resource_id == resource]
+
+        def targeted(row) -> bool:
+            targets = json.loads(row.event_json).get("targets") or {}
+            return resource in (targets.get("resource_id") or []) or bool(
+                select_by_targets(targets, mine, row.ven_id))
+
+        rows = [r for r in rows if r.event_id in touched or targeted(r)]
     return [event_summary(r) for r in rows]
 
 

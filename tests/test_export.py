@@ -145,3 +145,26 @@ def test_the_event_log_shows_only_its_own_bridges_rows(tmp_path):
         "accepted": 2, "rejected": 2}
     assert {a["resource_id"] for a in event_detail(south, "EVT-1", limit=10)["actions"]} == {"depot-s"}
     assert [e["event_id"] for e in list_events(south, resource="depot-n")] == []
+
+
+def test_events_list_by_resource_finds_events_aimed_at_its_group_or_the_whole_ven(tmp_path):
+    store = Store.open(f"sqlite:///{tmp_path / 'log.db'}")
+
+    def aimed(event_id: str, targets: dict) -> None:  # pending: nothing sent to any session yet
+        store.save_event(EventRow(event_id=event_id, ven_id="VEN1", status="pending", opt="optIn", start=T0,
+                                  end=T0 + timedelta(minutes=20), effective_start=T0,
+                                  event_json=json.dumps({"targets": targets})))
+
+    aimed("AT-GROUP", {"group_id": ["depots"]})
+    aimed("AT-VEN", {"ven_id": ["VEN1"]})
+    aimed("AT-OTHER-VEN", {"ven_id": ["VEN2"]})
+    aimed("AT-SOUTH", {"resource_id": ["south"]})
+    store.close()
+    path = tmp_path / "bridge.toml"
+    path.write_text(f'[bridge]\ndatabase_url = "sqlite:///{tmp_path / "log.db"}"\n'
+                    '[vtn]\nurl = "http://127.0.0.1:1/OpenADR2/Simple/2.0b"\nven_name = "test"\n'
+                    '[[chargestations]]\nid = "CS-1"\nresource_id = "north"\ngroup = "depots"\nmax_current = 32\n'
+                    '[[chargestations]]\nid = "CS-2"\nresource_id = "south"\nmax_current = 32\n')
+    out = cli("events", "list", "--config", str(path), "--json", "--resource", "north")
+    assert out.exit_code == 0, out.output
+    assert [e["event_id"] for e in json.loads(out.stdout)] == ["AT-GROUP", "AT-VEN"]
