@@ -330,7 +330,7 @@ class Dispatcher:
                 return
             failures += 1  # a failed restore is retried until it succeeds or the session ends
             log.warning("restore of session %s not done yet (attempt %d); retrying", session_id, failures)
-            if await self._session_gone(session_id):
+            if await self.session_gone(session_id):
                 return
             await self._wait(slot, self._backoff(failures))
 
@@ -356,7 +356,7 @@ class Dispatcher:
                 return "ended"
             except EdrvRejected as exc:
                 await self._update(action_id, status="rejected", attempts=attempts, detail=exc.message[:500])
-                if await self._session_gone(session_id):
+                if await self.session_gone(session_id):
                     return "ended"
                 return "rejected"
             except EdrvError as exc:  # server or transport: retry with backoff, then give up on this action
@@ -376,7 +376,9 @@ class Dispatcher:
                                                                   edrv_action_id=action.id, detail="")))
             return "ok"
 
-    async def _session_gone(self, session_id: str) -> bool:
+    async def session_gone(self, session_id: str) -> bool:
+        """eDRV's word on a session: True (and the session let go) when it has ended or is unknown to eDRV;
+        False while it runs, or when eDRV could not be asked."""
         try:
             session = await self.client.get_session(session_id)
         except EdrvNotFound:

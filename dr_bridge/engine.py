@@ -21,7 +21,6 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from dr_bridge import schedule, sharing
 from dr_bridge.dispatch import Desired, Dispatcher
 from dr_bridge.domain import ACTIVE, CANCELLED, COMPLETED, PENDING, Cap, Event, Limit, SignalInterval, Station
-from dr_bridge.edrv.errors import EdrvError, EdrvNotFound
 from dr_bridge.edrv.models import Session
 from dr_bridge.edrv.webhooks import Envelope, action_status
 from dr_bridge.eventlog import event_from_json, event_to_json, iso
@@ -337,32 +336,37 @@ class Engine:
         now = self.clock()
         budgets: dict[str, list[tuple[Limit | None, tuple[str, bool]]]] = {}
         caps: list[tuple[Cap, tuple[str, bool]]] = []
+        # The limits only to log (dry runs, test events in "log" mode) are planned apart from those to send,
+        # each as if the other were not.
+        dry_budgets: dict[str, list[tuple[Limit | None, tuple[str, bool]]]] = {}
+        dry_caps: list[tuple[Cap, tuple[str, bool]]] = []
         for live in self.events.values():
             self._update_status(live, now)
             if not live.acting or live.status != ACTIVE:
                 continue
             owner = (live.event.event_id, live.dry)
+            own_budgets, own_caps = (dry_budgets, dry_caps) if live.dry else (budgets, caps)
             targeted = sorted(sid for sid in live.station_ids
                               if self.fleet.stations[sid].resource_id not in live.opted_out)
             for iv in schedule.active_intervals(live.event, now, live.offset_s, self.cfg.bridge.max_event_hours):
                 if is_cap_signal(iv.signal_name, iv.signal_type):
                     cap = self._cap(live, iv, targeted)
                     if cap is not None:
-                        caps.append((cap, owner))
+                        own_caps.append((cap, owner))
                     continue
                 try:
                     limits = station_limits(iv, [self.fleet.stations[sid] for sid in targeted], self.settings)
                 except UnsupportedSignal:
                     continue
                 for sid, limit in limits.items():
-                    budgets.setdefault(sid, []).append((limit, owner))
+                    own_budgets.setdefault(sid, []).append((limit, owner))
             for sid in targeted:
-                budgets.setdefault(sid, [])
+                own_budgets.setdefault(sid, [])
 
         held = {d.station_of(s) for d in (self.dispatcher, self.dry_dispatcher) for s in d.limited_sessions()}
-        scope = sorted(set(budgets) | {s for s in held if s in self.fleet.stations})
+        scope = sorted(set(budgets) | set(dry_budgets) | {s for s in held if s in self.fleet.stations})
         if only is not None:
-            scope = self._narrow(scope, only, caps)
+            scope = self._narrow(scope, only, caps + dry_caps)
         if not scope:
             return
         if only is None:
@@ -371,18 +375,12 @@ class Engine:
         stations = {sid: self.fleet.stations[sid] for sid in scope}
         sessions = {sid: self.fleet.running.get(sid, []) for sid in scope}
         station_of = {x: stations[sid] for sid, ids in sessions.items() for x in ids}
-        # The limits to send, and apart from them those only to log: each planned as if the other were not.
-        dry_budgets = {sid: [b for b in entries if b[1][1]] for sid, entries in budgets.items()}
-        dry_caps = [c for c in caps if c[1][1]]
-        if dry_caps or any(dry_budgets.values()):
-            budgets = {sid: [b for b in entries if not b[1][1]] for sid, entries in budgets.items()}
-            caps = [c for c in caps if not c[1][1]]
         plan = session_limits(budgets, caps, stations, sessions, self.settings, self._cap_weights(sessions))
         shared = [sid for sid in scope if stations[sid].shared]
         if shared:
             plan = self._share(plan, budgets, caps, stations, sessions, shared, now)
         await self._apply(plan, station_of, now, self.dispatcher)
-        if dry_caps or any(dry_budgets.values()) or self.dry_dispatcher.limited_sessions():
+        if dry_budgets or dry_caps or self.dry_dispatcher.limited_sessions():
             dry_plan = session_limits(dry_budgets, dry_caps, stations, sessions, self.settings,
                                       self._cap_weights(sessions))
             await self._apply(dry_plan, station_of, now, self.dry_dispatcher)
@@ -608,22 +606,12 @@ class Engine:
         """A session we limited is missing from a listing: ask eDRV about it before letting it go. A listing
         by page number skips a session when another one ends between two pages, and one let go that still
         runs would keep its limit after the event."""
-        station_id = self.dispatcher.station_of(session_id)
-        try:
-            session = await self.client.get_session(session_id)
-        except EdrvNotFound:
-            session = None
-        except EdrvError as exc:
-            log.warning("session %s is missing from eDRV's listing and could not be read (%s); it is still "
-                        "planned as running", session_id, exc)
-            self.fleet.started(station_id, session_id)
-            return
-        if session is None or not session.running:
+        if await self.dispatcher.session_gone(session_id):
             log.info("session %s has ended; nothing to restore", session_id)
-            self.dispatcher.session_ended(session_id)
             return
-        log.warning("session %s runs on %s but eDRV's listing left it out; it is still planned", session_id,
-                    station_id)
+        station_id = self.dispatcher.station_of(session_id)
+        log.warning("session %s on %s is missing from eDRV's listing but not known to have ended (it runs, or "
+                    "eDRV did not say); it is still planned", session_id, station_id)
         self.fleet.started(station_id, session_id)
 
     # --- what eDRV tells us by webhook ----------------------------------------------------------------

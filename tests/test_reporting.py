@@ -16,6 +16,7 @@ from dr_bridge.daemon import Bridge
 from dr_bridge.eventlog import event_detail, iso, parse_iso
 from dr_bridge.rig import API_KEY, Rig, StationSpec, wait_for
 from tests.test_core import calls, soon
+from tests.test_left_limited import started
 
 KW_AT_16A = 16 * 230 * 3 / 1000  # 11.04 kW: a 32 A three-phase station at level 2
 KW_AT_32A = 32 * 230 * 3 / 1000
@@ -100,20 +101,16 @@ async def test_a_station_back_online_keeps_the_operators_opt_out(rig, bridge, tm
 
 @pytest.mark.parametrize("rig", [{"webhooks": True}], indirect=True)
 async def test_a_station_offline_across_a_restart_is_limited_again_when_it_is_back(rig, tmp_path):
-    first = Bridge(rig.config(), API_KEY, vtn_backoff_s=0.2)
-    await first.start()
+    first = await started(rig)
     try:
-        await wait_for(lambda: first.ven.registered, 15)
         event_id = rig.vtn.add_event(first.ven.ven_id, intervals=[(soon(2), timedelta(seconds=60), 2)])
         await wait_for(lambda: calls(rig, "A") and calls(rig, "B"), 15)
         rig.sim.set_online(rig.station_ids["A"], False)
         await wait_for(lambda: opts_for(rig, "A"), 10)
     finally:
         await first.stop()
-    again = Bridge(rig.config(), API_KEY, vtn_backoff_s=0.2)
-    await again.start()
+    again = await started(rig)
     try:
-        await wait_for(lambda: again.ven.registered, 15)
         await asyncio.sleep(1)  # its first pass: A stays opted out while offline (its restore is refused)
         before = len(calls(rig, "A"))
         rig.sim.set_online(rig.station_ids["A"], True)
