@@ -60,6 +60,14 @@ def config_warnings(cfg: Config) -> list[tuple[str, str]]:
         file = getattr(cfg.vtn, key)
         if file and not Path(file).is_file():
             warnings.append((f"vtn.{key}", f"file {file} does not exist"))
+    # A level above every configured one takes the strictest rule below it; a level below them all has
+    # none to take, so an event at that level is answered optOut: a utility penalty, not a config error.
+    uncovered = [level for level in (1, 2, 3) if not any(1 <= lvl <= level for lvl in cfg.levels)]
+    if uncovered:
+        names = ", ".join(str(level) for level in uncovered)
+        which = "that level" if len(uncovered) == 1 else "these levels"
+        warnings.append(("levels", f"no rule at or below level {names} ([levels] replaces the defaults as a "
+                                   f"whole): an event at {which} is answered optOut"))
     for index, station in enumerate(cfg.chargestations):
         if station.max_current < cfg.bridge.min_current:
             warnings.append((f"chargestations[{index}].max_current",

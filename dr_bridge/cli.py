@@ -14,7 +14,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
-from dr_bridge.checkconfig import check_config_command
+from dr_bridge.checkconfig import check_config_command, config_warnings
 from dr_bridge.config import Config, ConfigError, load_config
 from dr_bridge.edrv.simulator_cli import simulate_edrv
 
@@ -82,6 +82,8 @@ def run_command(config: str = ConfigOpt,
         fail(f"environment variable {cfg.edrv.webhook_secret_env} is not set (the eDRV webhook secret; "
              f"edrv.webhook_secret_env in {cfg.path})", 2)
     setup_logging(debug)
+    for key, problem in config_warnings(cfg):  # those fatal to `run` have stopped it above
+        logging.getLogger("dr_bridge").warning("config: %s (%s in %s)", problem, key, cfg.path)
     from dr_bridge.daemon import AlreadyRunning, StationConflict, run_daemon
 
     try:

@@ -124,3 +124,26 @@ def test_events_list_refuses_an_unknown_status_rather_than_listing_nothing(tmp_p
                     'max_current = 32\n')
     out = CliRunner().invoke(app, ["events", "list", "--config", str(path), "--status", "finished", "--json"])
     assert out.exit_code == 2 and "--status" in out.output and "completed" in out.output
+
+
+def test_run_logs_what_check_config_would_warn_about(tmp_path, monkeypatch, caplog):
+    # An operator who never ran check-config still reads the start-up log: a level answered optOut is there.
+    path = tmp_path / "bridge.toml"
+    path.write_text(f'[bridge]\ndatabase_url = "sqlite:///{tmp_path / "b.db"}"\n'
+                    '[vtn]\nurl = "http://127.0.0.1:9/OpenADR2/Simple/2.0b"\nven_name = "levels-check"\n'
+                    '[edrv]\napi_key_env = "TEST_EDRV_KEY"\n[levels]\n3 = { current = 6 }\n'
+                    '[[chargestations]]\nid = "C1"\nmax_current = 32\n')
+    monkeypatch.setenv("TEST_EDRV_KEY", "k")
+    started = []
+
+    async def run_daemon(cfg, key, **kwargs):
+        started.append(cfg.vtn.ven_name)
+        return 0
+
+    monkeypatch.setattr("dr_bridge.daemon.run_daemon", run_daemon)
+    out = CliRunner().invoke(app, ["run", "--config", str(path)])
+    assert out.exit_code == 0, out.output
+    assert started == ["levels-check"]
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"config: no rule at or below level 1, 2 ([levels] replaces the defaults as a whole): an event at these "
+        f"levels is answered optOut (levels in {path})"]

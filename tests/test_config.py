@@ -347,3 +347,20 @@ def test_check_config_never_prints_the_database_password(tmp_path: Path, passwor
     assert result.exit_code == 0, result.output
     assert "db.example/dr" in result.stdout and "***" in result.stdout
     assert password not in result.output and quote(password, safe="/") not in result.output
+
+
+def test_levels_below_every_configured_one_are_named_as_answered_opt_out(tmp_path: Path):
+    """[levels] replaces the defaults as a whole: with only level 2 set, a level-1 event has no rule at or
+    below it and is answered optOut. That is a utility penalty waiting to happen, so it is said up front."""
+    path = write(tmp_path, BASE.replace("1 = { fraction = 0.75 }\n", ""), "levels.toml")
+    result = check_config(path)
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines() == [
+        f"warning: no rule at or below level 1 ([levels] replaces the defaults as a whole): an event at that "
+        f"level is answered optOut (levels in {path})"]
+    strict = check_config(path, "--strict")
+    assert strict.exit_code == 2
+    assert "levels: no rule at or below level 1" in strict.stderr
+    # Levels above the highest configured one take the strictest rule below them: nothing to warn about.
+    only_low = write(tmp_path, BASE.replace("2 = { fraction = 0.5 }\n", ""), "low.toml")
+    assert check_config(only_low).stderr == ""
