@@ -21,6 +21,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from dr_bridge import schedule, sharing
 from dr_bridge.dispatch import Desired, Dispatcher
 from dr_bridge.domain import ACTIVE, CANCELLED, COMPLETED, PENDING, Cap, Event, Limit, SignalInterval, Station
+from dr_bridge.edrv.errors import EdrvError
 from dr_bridge.edrv.models import Session
 from dr_bridge.edrv.webhooks import Envelope, action_status
 from dr_bridge.eventlog import event_from_json, event_to_json, iso
@@ -30,7 +31,7 @@ from dr_bridge.policy import (PERCENT_OFFSET, UnsupportedSignal, cap_watts, is_c
                               session_limits, station_limits, to_watts, unusable)
 from dr_bridge.performance import HOLD, mean_power
 from dr_bridge.reporting import overlapping, samples
-from dr_bridge.store import EventRow, IntervalRow, OptOutRow, Store, utcnow
+from dr_bridge.store import EventRow, IntervalRow, OptOutRow, SessionState, SharedLimit, Store, utcnow
 from dr_bridge.targets import select_stations
 
 log = logging.getLogger("dr_bridge.engine")
@@ -154,7 +155,15 @@ class Engine:
         await self.dispatcher.stop()
         return [s.session_id for s in self.store.session_states(limited_only=True)]
 
-    async def release_all(self, timeout: float | None = None) -> None:
+    async def release_all(self, timeout: float | None = None) -> dict[str, SharedLimit]:
+        """Restore every session this bridge limits, except on a shared station another bridge still wants
+        limited: there the session gets that bridge's share instead, since the other bridge believes eDRV
+        still holds its limit and would not send it again. Returns those sessions and whose wish they hold."""
+        # This bridge no longer wants any shared station limited: the others stop holding them on its behalf.
+        self.store.set_shared_limits({})
+        self._wished = {}
+        handed: dict[str, SharedLimit] = {}
+        todo: list[tuple[SessionState, Station]] = []
         for st in self.store.session_states(limited_only=True):
             station = self.fleet.stations.get(st.chargestation_id)
             if station is None:
@@ -162,12 +171,51 @@ class Engine:
                 log.error("session %s is limited on station %s, which is no longer configured: add the station "
                           "back to the config to restore it", st.session_id, st.chargestation_id)
                 continue
-            station = await self.fleet.resolve(station)
+            todo.append((st, await self.fleet.resolve(station)))
+        shares = await self._others_shares([(st.session_id, station) for st, station in todo])
+        for st, station in todo:
             if not self.dispatcher.known(st.session_id):
                 self.dispatcher.seed(st.session_id, station,
                                      Desired("limit", Limit(st.unit, st.limit), st.event_id))
-            self.dispatcher.want(st.session_id, station, Desired("restore", event_id=st.event_id))
+            share = shares.get(st.session_id)
+            if share is None:
+                self.dispatcher.want(st.session_id, station, Desired("restore", event_id=st.event_id))
+                continue
+            limit, wish = share
+            handed[st.session_id] = wish
+            log.warning("session %s on shared station %s is held at %s for bridge %s (event %s, until %s), not "
+                        "restored: release it there too to lift it", st.session_id, station.id, _shown(limit),
+                        wish.bridge, wish.event_id or "-", iso(wish.until))
+            self.dispatcher.want(st.session_id, station, Desired("limit", limit, wish.event_id or wish.bridge))
         await self.dispatcher.drain(timeout)
+        return handed
+
+    async def _others_shares(self, limited: list[tuple[str, Station]]) -> dict[str, tuple[Limit, SharedLimit]]:
+        """session id -> (its share of the strictest other bridge's wish, that wish), for the given sessions
+        on shared stations that another bridge still wants limited."""
+        shared = sorted({station.id for _, station in limited if station.shared})
+        wishes = self.store.others_shared_limits(shared, self.clock()) if shared else []
+        if not wishes:
+            return {}
+        wanted = {w.chargestation_id for w in wishes}
+        stations = {station.id: station for _, station in limited if station.id in wanted}
+        try:  # the share is the wish split over every running session, not only those this bridge limits
+            running = await self.client.list_running_sessions(list(stations))
+            sessions = {sid: [x.id for x in running if x.chargestation_id == sid] for sid in stations}
+        except EdrvError as exc:
+            log.warning("could not list the sessions on shared stations (%s): sharing the other bridges' wishes "
+                        "over this bridge's sessions only", exc)
+            sessions = {}
+        for session_id, station in limited:
+            if station.id in stations and session_id not in sessions.setdefault(station.id, []):
+                sessions[station.id].append(session_id)
+        by_owner = {(w.event_id or w.bridge, False): w for w in wishes}
+        merged = sharing.with_others({}, [(w.chargestation_id, w.watts, (w.event_id or w.bridge, False))
+                                          for w in wishes], stations)
+        plan = session_limits(merged, [], stations, sessions, self.settings, self._cap_weights(sessions))
+        mine = {session_id for session_id, _ in limited}
+        return {session_id: (limit, by_owner[owner]) for session_id, (limit, owner) in plan.items()
+                if session_id in mine and limit is not None and owner in by_owner}
 
     def _retry_soon(self) -> None:
         """Another pass in a second, rather than at the next reconcile interval."""
@@ -825,6 +873,10 @@ class Engine:
                                              source="operator", applied=True))
             log.info("event %s: resource %s is skipped: %s (operator availability)", ev.event_id, resource_id,
                      reason)
+
+
+def _shown(limit: Limit) -> str:
+    return f"{limit.value:g} {'A' if limit.unit == 'current' else 'W'}"
 
 
 def _outage(row: OptOutRow) -> bool:

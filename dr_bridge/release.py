@@ -7,7 +7,8 @@ from rich.table import Table
 from dr_bridge.config import Config
 from dr_bridge.edrv.client import EdrvClient
 from dr_bridge.engine import Engine
-from dr_bridge.store import Store
+from dr_bridge.eventlog import iso
+from dr_bridge.store import SessionState, SharedLimit, Store
 
 
 async def release_all(cfg: Config, api_key: str, console: Console, timeout: float = 120.0) -> list[str]:
@@ -22,15 +23,25 @@ async def release_all(cfg: Config, api_key: str, console: Console, timeout: floa
             store.close()
             return []
         console.print(f"restoring {len(todo)} session(s)...")
-        await engine.release_all(timeout=timeout)
+        handed = await engine.release_all(timeout=timeout)
         await engine.dispatcher.stop()
     left = {s.session_id for s in store.session_states(limited_only=True)}
     t = Table(title="release-all")
     for col in ("session", "station", "resource", "result"):
         t.add_column(col)
     for s in todo:
-        t.add_row(s.session_id, s.chargestation_id, s.resource_id, "STILL LIMITED" if s.session_id in left else
-                  ("ended" if (store.get_session_state(s.session_id) or s).ended else "restored"))
+        t.add_row(s.session_id, s.chargestation_id, s.resource_id, _result(s, left, handed, store))
     console.print(t)
     store.close()
     return sorted(left)
+
+
+def _result(state: SessionState, left: set[str], handed: dict[str, SharedLimit], store: Store) -> str:
+    if state.session_id in handed and state.session_id in left:
+        # A shared station another bridge still wants limited: lifting it would silently break that
+        # bridge's event, which believes eDRV still holds its limit.
+        wish = handed[state.session_id]
+        return f"STILL LIMITED for bridge {wish.bridge} (event {wish.event_id or '-'}, until {iso(wish.until)})"
+    if state.session_id in left:
+        return "STILL LIMITED"
+    return "ended" if (store.get_session_state(state.session_id) or state).ended else "restored"

@@ -9,11 +9,13 @@ import sys
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from rich.console import Console
 
 from dr_bridge.config import config_from_dict
 from dr_bridge.daemon import Bridge, StationConflict
 from dr_bridge.domain import Limit
 from dr_bridge.policy import to_watts
+from dr_bridge.release import release_all
 from dr_bridge.rig import API_KEY, Rig, StationSpec, wait_for
 from dr_bridge.store import EventRow, Store, WebhookRow
 
@@ -165,6 +167,47 @@ async def test_a_shared_station_holds_the_strictest_wish_and_is_restored_when_bo
         assert [c for c in rig.sim.limit_calls() if c[0] in others] == []
     finally:
         await a.stop()
+        await b.stop()
+
+
+async def test_releasing_one_bridge_hands_a_shared_session_to_the_other_bridges_wish(rig, tmp_path):
+    """release-all (and --restore-on-exit) on bridge A must not clear a shared station that bridge B still
+    wants limited: B believes eDRV holds its limit and would never send it again, so its event would run
+    unlimited. A sends B's share instead, withdraws its own wish, and restores once B's wish has lapsed."""
+    cfg_a = config_from_dict(bridge_config(rig, "utility-a", ["SHARED", "ONLY-A"], shared=True), source="a")
+    a = Bridge(cfg_a, API_KEY, vtn_backoff_s=0.2, http=False)
+    b = Bridge(config_from_dict(bridge_config(rig, "utility-b", ["SHARED", "ONLY-B"], shared=True), source="b"),
+               API_KEY, vtn_backoff_s=0.2, http=False)
+    await a.start()
+    await b.start()
+    try:
+        await wait_for(lambda: a.ven.registered and b.ven.registered, 20)
+        start = soon(3)
+        ev_b = rig.vtn.add_event(b.ven.ven_id, intervals=[(start, timedelta(seconds=12), 1)],  # 24 A
+                                 targets=[{"resource_id": "SHARED"}])
+        rig.vtn.add_event(a.ven.ven_id, intervals=[(start, timedelta(seconds=60), 2)],  # 16 A
+                          targets=[{"resource_id": "SHARED"}])
+        session = rig.sessions["SHARED"][0]
+        await wait_for(lambda: rig.sim.session_limit(session) == 16, 15)
+        await a.stop()  # the operator stops A mid-event, then releases what it limits
+        before = len(rig.sim.limit_calls())
+
+        console = Console(record=True, width=200)
+        left = await release_all(cfg_a, API_KEY, console)
+        assert left == [session]
+        calls = [(k, body.get("limit")) for sid, k, body in rig.sim.limit_calls()[before:] if sid == session]
+        assert calls == [("set_power_limit", 24)], calls  # B's wish, in current as the station is limited in
+        await wait_for(lambda: rig.sim.session_limit(session) == 24, 5)  # the EV follows after its delay
+        assert f"STILL LIMITED for bridge utility-b (event {ev_b}, until" in console.export_text()
+        state = a.store.get_session_state(session)
+        assert state.limited and state.event_id == ev_b and (state.unit, state.limit) == ("current", 24)
+        assert [w.bridge for w in b.store.others_shared_limits([rig.station_ids["SHARED"]], soon(0))] == []
+
+        # B's event ends: B restores the session itself; once B's wish has lapsed A's release restores too.
+        await wait_for(lambda: rig.sim.session_limit(session) is None, 25)
+        assert await release_all(cfg_a, API_KEY, Console(record=True)) == []
+        assert not a.store.get_session_state(session).limited
+    finally:
         await b.stop()
 
 
