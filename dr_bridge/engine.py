@@ -437,11 +437,16 @@ class Engine:
         """The stations a pass over `only` must look at: a cap is shared by all its stations, and this
         bridge's wishes for shared stations are published all together."""
         wanted = set(only) & set(scope)
-        for cap, _ in caps:
-            if cap.station_ids & wanted:
-                wanted |= cap.station_ids
-        if any(self.fleet.stations[sid].shared for sid in wanted):
-            wanted |= {sid for sid in scope if self.fleet.stations[sid].shared}
+        shared = {sid for sid in scope if self.fleet.stations[sid].shared}
+        grown = True
+        while grown:  # until nothing is added: a cap may reach another only through a third, or a shared station
+            before = len(wanted)
+            for cap, _ in caps:
+                if cap.station_ids & wanted:
+                    wanted |= cap.station_ids
+            if wanted & shared:
+                wanted |= shared
+            grown = len(wanted) > before
         return [sid for sid in scope if sid in wanted]
 
     async def _list_running(self, scope: list[str]) -> None:

@@ -208,3 +208,30 @@ async def test_energy_need_sharing_gives_more_to_the_driver_who_needs_more(rig, 
     # charged meanwhile.
     assert sent(rig)[far] == pytest.approx(21.7, abs=0.2) and sent(rig)[near] == pytest.approx(7.2, abs=0.2)
     assert (sent(rig)[far] + sent(rig)[near]) * W_PER_A <= 20_000
+
+
+async def test_a_pass_for_one_station_takes_in_every_cap_linked_to_it_through_another(tmp_path):
+    """Cap E2 (10 kW over B and C) arrived before cap E1 (40 kW over A and B). A session starting on A
+    starts a pass over A: E1 brings in B, and through B, E2 must bring in C. Left out, C's 7.2 A was not
+    counted and E2's whole 10 kW went to B, so B and C drew ~15 kW under a 10 kW cap until the next full pass."""
+    r = Rig(tmp_path, [StationSpec("A"), StationSpec("B"), StationSpec("C")])  # full passes only every 60 s
+    await r.start(webhooks=True)
+    b = Bridge(r.config(), API_KEY, vtn_backoff_s=0.2)
+    await b.start()
+    try:
+        await wait_for(lambda: b.ven.registered, 15)
+        start = soon(3)
+        e2 = cap_event(r, b, start, 60, 10, unit="kW", targets=[{"resource_id": "B"}, {"resource_id": "C"}])
+        e1 = cap_event(r, b, start, 60, 40, unit="kW", targets=[{"resource_id": "A"}, {"resource_id": "B"}])
+        on = {name: r.sessions[name][0] for name in "ABC"}
+        await wait_for(lambda: sent(r).get(on["B"]) == 7.2 and sent(r).get(on["C"]) == 7.2, 15)
+        await b.engine.settle()
+        assert list(b.engine.events) == [e2, e1]  # the order the pass meets the caps in
+        second = r.sim.start_session(r.station_ids["A"])
+        await wait_for(lambda: second in sent(r), 10)
+        await b.engine.settle()
+        assert (sent(r)[on["B"]] + sent(r)[on["C"]]) * W_PER_A <= 10_000, sent(r)
+        assert sent(r)[on["B"]] == 7.2
+    finally:
+        await b.stop()
+        await r.stop()
