@@ -35,6 +35,8 @@ Write = tuple[str, Any, dict[str, Any]]
 _ROW_IDENTITY = {"state", "update_action", "webhook_processed"}  # kinds whose key names an existing row
 SQLITE_ROWS_PER_INSERT = 500  # the journal's largest batch
 LAG_S = 0.05  # how long a submitted write may wait for others to share its commit
+KEEP_S = 60.0  # how long a submitted write is kept through a database outage before it is given up (and logged)
+RETRY_S = (0.5, 8.0)  # the first and the longest wait between attempts while the database is away
 
 
 class Journal:
@@ -44,6 +46,7 @@ class Journal:
         self.first_batch = min(first_batch, max_batch)
         self.lag_s = lag_s
         self._queue: list[tuple[list[Write], asyncio.Future]] = []
+        self._kept: dict[asyncio.Future, float] = {}  # submitted writes (nobody awaits them) -> give up at
         self._writer: asyncio.Task | None = None
         self._lag: asyncio.TimerHandle | None = None
         self._statements: dict[tuple[str, tuple[str, ...]], _Prepared] = {}
@@ -61,9 +64,11 @@ class Journal:
         way, or after lag_s at the latest. Each commit costs its fsync and a batch's own work, and with 20 ms
         per eDRV call the answers trickle in one by one: committed at once, that was a commit per call."""
         future = self._enqueue(writes)
+        self._kept[future] = float("inf")  # until its first failure
         if self._lag is None and (self._writer is None or self._writer.done()):
             self._lag = asyncio.get_running_loop().call_later(self.lag_s, self._start)
-        future.add_done_callback(_log_failure)
+        future.add_done_callback(lambda f: _log_failure(f, writes))
+        future.add_done_callback(self._kept.pop)
         return future
 
     def _enqueue(self, writes: tuple[Write, ...]) -> asyncio.Future:
@@ -84,6 +89,7 @@ class Journal:
         # write arrives at once, and no call can go out before its write is committed. A whole batch of
         # 500 first held the first call back some 30 ms; 32 (the calls eDRV gets in flight) let it go at once.
         size = self.first_batch
+        wait = RETRY_S[0]
         while self._queue:
             batch, self._queue = self._queue[:size], self._queue[size:]
             size = min(self.max_batch, 2 * size)
@@ -92,18 +98,41 @@ class Journal:
                 results = await asyncio.to_thread(self.write_batch, flat)
             except Exception:
                 # One bad write must not fail the others' (and with the database away each hears so itself).
+                kept = []
                 for writes, future in batch:
                     try:
                         result = await asyncio.to_thread(self.write_batch, writes)
                     except Exception as exc:
-                        _settle(future, exc=exc)
+                        if self._keep(future, exc):
+                            kept.append((writes, future))
+                        else:
+                            _settle(future, exc=exc)
                     else:
                         _settle(future, result)
+                if kept:
+                    # A submitted write has nobody to tell: a call's answer, a charger's, a session marked
+                    # limited again. Lost, the event log could not show what eDRV did. It goes first again,
+                    # ahead of anything queued since, so that rows keep their order, once the database is back.
+                    log.warning("the event log is unavailable: %d write(s) kept, next attempt in %.1f s",
+                                sum(len(w) for w, _ in kept), wait)
+                    self._queue[:0] = kept
+                    await asyncio.sleep(wait)
+                    wait = min(RETRY_S[1], 2 * wait)
                 continue
+            wait = RETRY_S[0]
             i = 0
             for writes, future in batch:
                 _settle(future, results[i:i + len(writes)])
                 i += len(writes)
+
+    def _keep(self, future: asyncio.Future, exc: Exception) -> bool:
+        """Whether to try a failed write again: a submitted one, while the database is away, for KEEP_S."""
+        if future not in self._kept or future.done() or not _database_away(exc):
+            return False
+        loop = asyncio.get_running_loop()
+        if self._kept[future] == float("inf"):
+            self._kept[future] = loop.time() + KEEP_S
+        return loop.time() < self._kept[future]
 
     async def flush(self) -> None:
         """Commit everything queued, and wait until it is committed (or has failed)."""
@@ -287,6 +316,15 @@ def _settle(future: asyncio.Future, result: Any = None, exc: BaseException | Non
         future.set_result(result)
 
 
-def _log_failure(future: asyncio.Future) -> None:
+def _database_away(exc: Exception) -> bool:
+    """A lost or refused connection, or a locked SQLite file: worth another try, unlike a bad write."""
+    return isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError)) or \
+        getattr(exc, "connection_invalidated", False)
+
+
+def _log_failure(future: asyncio.Future, writes: tuple[Write, ...]) -> None:
     if not future.cancelled() and future.exception() is not None:
-        log.error("writing to the event log failed: %s", future.exception())
+        # What was not written goes to the log instead, so the operator can still tell what happened.
+        lost = "; ".join(f"{kind} {str(key)[:120]} {fields}"[:300] for kind, key, fields in writes)
+        log.error("writing to the event log failed (%s); not recorded: %s",
+                  str(future.exception()).splitlines()[0][:200], lost)

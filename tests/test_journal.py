@@ -190,3 +190,29 @@ def test_each_new_action_id_names_its_own_row_however_the_inserts_are_split(db_u
     assert [by_id[i] for i in ids] == [f"S{i:02d}" for i in range(21)]
     store.close()
     other.close()
+
+
+async def test_a_submitted_write_outlives_a_database_outage_and_keeps_its_order(pg_url):
+    """A call's answer is submitted, not awaited: nobody would hear that its commit failed. Lost in a
+    failover, the action stayed 'planned' without eDRV's action id (the charger's answer could no longer be
+    matched, and the next start marked the call failed), though eDRV had taken it."""
+    from tests.conftest import PG_ADMIN_URL
+    from tests.test_faults import _cut_connections
+
+    name = pg_url.rsplit("/", 1)[-1]
+    store = Store.open(pg_url, bridge="b")
+    journal = Journal(store)
+    (action_id,) = await journal.write(("add_action", action("S1"), {}))
+    _cut_connections(PG_ADMIN_URL, name, allow=False)
+    try:
+        requested = journal.submit(("update_action", action_id, {"status": "requested", "edrv_action_id": "A-1"}))
+        accepted = journal.submit(("update_action", action_id, {"status": "accepted"}))  # the charger's, later
+        await asyncio.sleep(1.0)
+        assert not requested.done() and not accepted.done()  # kept, not given up
+    finally:
+        _cut_connections(PG_ADMIN_URL, name, allow=True)
+    await asyncio.wait_for(journal.flush(), 30)
+    assert requested.result() is not None and accepted.done() and accepted.exception() is None
+    (row,) = store.actions()
+    assert (row.status, row.edrv_action_id) == ("accepted", "A-1")  # in the order they were submitted
+    store.close()
