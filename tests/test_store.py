@@ -22,6 +22,19 @@ def test_migrations_are_idempotent(db_url):
     s.close()
 
 
+def test_bridges_starting_together_on_a_new_database_all_start(pg_url):
+    """Several bridges on one PostgreSQL, started together (a host boot, a rolling upgrade): one migrates,
+    the others wait for it. Without the lock one of them failed on the same CREATE TYPE and exited 1."""
+    import subprocess
+    import sys
+
+    code = "import sys; from dr_bridge.store import Store; Store.open(sys.argv[1], bridge=sys.argv[2]).close()"
+    procs = [subprocess.Popen([sys.executable, "-c", code, pg_url, name], stderr=subprocess.PIPE, text=True)
+             for name in "abcd"]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], errors
+
+
 def test_the_migrations_build_exactly_the_schema_the_models_describe(store):
     # A column added to a model without its migration (or the reverse) would work in a fresh test database
     # built one way and break an operator's upgraded one.
