@@ -111,9 +111,7 @@ class Engine:
             ev = event_from_json(row.event_json)
             live = LiveEvent(ev, row.offset_s, row.opt or OPT_OUT, row.opt_reason or "", row.status, row.dry_run,
                              {s.id for s in select_stations(ev, list(self.fleet.stations.values()), self.ven_id)})
-            opt_outs = [o for o in self.store.opt_outs(ev.event_id) if o.resource_id]
-            live.opted_out = {o.resource_id for o in opt_outs}
-            live.offline = {o.resource_id for o in opt_outs if _outage(o)}  # opted out until back online
+            live.opted_out, live.offline = self._resource_opt_outs(ev.event_id)
             self.events[ev.event_id] = live
             log.info("resuming event %s (%s, modification %d)", ev.event_id, row.status, ev.modification_number)
         for st in self.store.session_states(limited_only=True):
@@ -275,8 +273,11 @@ class Engine:
     def _handle_event(self, ev: Event) -> tuple[str, str]:
         prev = self.events.get(ev.event_id)
         row = self.store.get_event(ev.event_id)
-        if row is not None and row.modification_number == ev.modification_number and (
-                not ev.cancelled or row.status == CANCELLED):
+        # Listed again unchanged and not cancelled after its absence from a list was taken for a cancellation:
+        # to the VTN it runs, so it is taken up again.
+        relisted = row is not None and row.modification_number == ev.modification_number and \
+            row.status == CANCELLED and not ev.cancelled
+        if row is not None and row.modification_number == ev.modification_number and not relisted:
             # A re-sent event: the same answer. A re-sent cancellation changes nothing either, and rewriting
             # the row would move the time it records for the cancellation.
             return row.opt or OPT_OUT, row.opt_reason or "already answered"
@@ -305,14 +306,18 @@ class Engine:
         else:
             opt, reason = OPT_IN, f"{len(stations)} station(s) targeted"
         status = schedule.status_at(ev, self.clock(), offset, self.cfg.bridge.max_event_hours)
-        live = LiveEvent(ev, offset, opt, reason, status, dry, {s.id for s in stations},
-                         prev.opted_out if prev else set(), prev.offline if prev else set())
+        if prev is not None:
+            opted_out, offline = prev.opted_out, prev.offline
+        else:  # new, or resumed after it was forgotten: the operator's opt-outs stand
+            opted_out, offline = self._resource_opt_outs(ev.event_id) if row else (set(), set())
+        live = LiveEvent(ev, offset, opt, reason, status, dry, {s.id for s in stations}, opted_out, offline)
         # In the database before the engine acts on it: should the database fail here, the VTN is answered
         # optOut, and the bridge must not limit for an event it has neither recorded nor opted in to.
         self._skip_unavailable(live, self.store.availability_windows(ev.start))
         self._persist(live)
         self.events[ev.event_id] = live
-        verb = "received" if row is None else ("cancelled" if ev.cancelled else "modified")
+        verb = "received" if row is None else ("cancelled" if ev.cancelled else
+                                               "listed again: resumed" if relisted else "modified")
         log.info("event %s %s (modification %d): %s, %s; %s", ev.event_id, verb, ev.modification_number,
                  opt, reason, self._describe(live))
         self._schedule(live)
@@ -320,6 +325,11 @@ class Engine:
             self.fleet.start_resolving(sorted(live.station_ids))  # long before the boundary needs them, if we can
         self.kick()
         return opt, reason
+
+    def _resource_opt_outs(self, event_id: str) -> tuple[set[str], set[str]]:
+        """The resources opted out of an event, and those of them opted out until they are back online."""
+        rows = [o for o in self.store.opt_outs(event_id) if o.resource_id]
+        return {o.resource_id for o in rows}, {o.resource_id for o in rows if _outage(o)}
 
     async def handle_event_list(self, event_ids: set[str]) -> None:
         """An event that disappears from the VTN's list counts as cancelled (OpenADR implied cancel), unless

@@ -510,6 +510,13 @@ class Ven:
         # oadrResponse when the list is empty, so there a removal shows up only with the next change and
         # the removal of the last event never does.
         ids = {str(e["event_descriptor"]["event_id"]) for e in payload.get("events") or []}
+        if self._client is not None:
+            # openleadr keeps an event the VTN stopped listing, with its answer: listed again unchanged, it
+            # would answer from that cache and never hand the event to the bridge, which took it as cancelled.
+            for event in list(self._client.received_events):
+                gone = str((event.get("event_descriptor") or {}).get("event_id"))
+                if gone not in ids:
+                    self._client.forget_event(gone)
         try:
             await _maybe_await(self._on_event_list(ids))
         except Exception:

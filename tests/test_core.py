@@ -210,6 +210,23 @@ async def test_an_event_that_disappears_from_the_vtn_list_counts_as_cancelled(ri
 
 
 @pytest.mark.parametrize("rig", [one_station()], indirect=True)
+async def test_an_event_missing_from_one_list_and_then_listed_again_unchanged_is_resumed(rig, bridge):
+    """Its absence was taken for a cancellation, but the VTN lists it again, unchanged and not cancelled: to
+    the utility it runs, and openleadr answered optIn from its cache, so the bridge must limit again."""
+    s = soon(2)
+    event_id = rig.vtn.add_event(bridge.ven.ven_id, intervals=[(s, timedelta(seconds=60), 2)])
+    await wait_for(lambda: calls(rig, "A"), 15)
+    rig.vtn.remove_event(event_id)
+    await wait_for(lambda: len(calls(rig, "A")) >= 2, 10)
+    assert bridge.store.get_event(event_id).status == "cancelled"
+    rig.vtn.relist_event(event_id)
+    await wait_for(lambda: len(calls(rig, "A")) >= 3, 10)
+    assert a_calls(rig) == [("set_power_limit", 16), ("clear_power_limit", None), ("set_power_limit", 16)]
+    assert bridge.store.get_event(event_id).status == "active"
+    assert [r["opt_type"] for r in rig.vtn.responses if r["event_id"] == event_id][-1] == "optIn"
+
+
+@pytest.mark.parametrize("rig", [one_station()], indirect=True)
 async def test_test_events_are_answered_opt_in_and_only_logged(rig, bridge):
     s = soon(2)
     event_id = rig.vtn.add_event(bridge.ven.ven_id, intervals=[(s, timedelta(seconds=2), 2)], test_event=True)
