@@ -31,7 +31,8 @@ from dr_bridge.policy import (PERCENT_OFFSET, UnsupportedSignal, cap_watts, is_c
                               session_limits, station_limits, to_watts, unusable)
 from dr_bridge.performance import HOLD, mean_power
 from dr_bridge.reporting import overlapping, samples
-from dr_bridge.store import EventRow, IntervalRow, OptOutRow, SessionState, SharedLimit, Store, utcnow
+from dr_bridge.store import (EventRow, IntervalRow, OptOutRow, SessionState, SharedLimit, Store, is_outage,
+                             utcnow)
 from dr_bridge.targets import select_stations
 
 log = logging.getLogger("dr_bridge.engine")
@@ -329,7 +330,9 @@ class Engine:
     def _resource_opt_outs(self, event_id: str) -> tuple[set[str], set[str]]:
         """The resources opted out of an event, and those of them opted out until they are back online."""
         rows = [o for o in self.store.opt_outs(event_id) if o.resource_id]
-        return {o.resource_id for o in rows}, {o.resource_id for o in rows if _outage(o)}
+        standing = {o.resource_id for o in rows if not is_outage(o)}
+        offline = {o.resource_id for o in rows if is_outage(o) and o.window_end is None} - standing
+        return standing | offline, offline
 
     async def handle_event_list(self, event_ids: set[str]) -> None:
         """An event that disappears from the VTN's list counts as cancelled (OpenADR implied cancel), unless
@@ -758,6 +761,12 @@ class Engine:
                 if station.resource_id in live.offline:
                     live.offline.discard(station.resource_id)
                     live.opted_out.discard(station.resource_id)
+                    # Recorded, or a restart would take the station for offline still and leave it unlimited.
+                    for row in self.store.opt_outs(live.event.event_id):
+                        if is_outage(row) and row.resource_id == station.resource_id and row.window_end is None:
+                            back = utcnow()
+                            self.store.update_opt_out(row.id, window_start=row.at, window_end=back,
+                                                      reason=f"{row.reason}; back online {iso(back)}")
             for session_id in self.fleet.running.get(station_id, []):
                 self.dispatcher.forget(session_id)  # a charger that reconnects may have lost its limits
             self.kick()
@@ -856,10 +865,13 @@ class Engine:
         for row in self.store.opt_outs(unapplied=True):
             live = self.events.get(row.event_id) if row.event_id else None
             if live is not None:
+                # The operator's opt-out stands when an offline station comes back: no longer an outage mark.
                 if row.resource_id:
                     live.opted_out.add(row.resource_id)
+                    live.offline.discard(row.resource_id)
                 else:
                     live.opted_out |= {self.fleet.stations[s].resource_id for s in live.station_ids}
+                    live.offline.clear()
                     live.opt, live.reason = OPT_OUT, "opted out by the operator"
                     self._persist(live)
                     self._schedule(live)
@@ -879,9 +891,11 @@ class Engine:
         end = schedule.effective_end(ev, live.offset_s, self.cfg.bridge.max_event_hours)
         targeted = {self.fleet.stations[s].resource_id for s in live.station_ids}
         for resource_id, window in overlapping(windows, start, end).items():
-            if resource_id not in targeted or resource_id in live.opted_out or ev.cancelled:
+            if resource_id not in targeted or ev.cancelled or (
+                    resource_id in live.opted_out and resource_id not in live.offline):
                 continue
             live.opted_out.add(resource_id)
+            live.offline.discard(resource_id)  # offline now, but unavailable for the event whatever happens
             reason = f"unavailable from {iso(window.window_start)} until {iso(window.window_end)}"
             self.store.add_opt_out(OptOutRow(event_id=ev.event_id, modification_number=ev.modification_number,
                                              resource_id=resource_id, reason=reason, opt_reason=window.opt_reason,
@@ -894,6 +908,3 @@ def _shown(limit: Limit) -> str:
     return f"{limit.value:g} {'A' if limit.unit == 'current' else 'W'}"
 
 
-def _outage(row: OptOutRow) -> bool:
-    """The bridge's own opt-out for a station that went offline (undone when it is back online)."""
-    return row.source == "automatic" and row.opt_reason == "outageRunStatus"

@@ -11,7 +11,7 @@ from dr_bridge.config import Config
 from dr_bridge.domain import CANCELLED, COMPLETED
 from dr_bridge.eventlog import event_from_json, iso
 from dr_bridge.reporting import OPT_REASONS
-from dr_bridge.store import OptOutRow, Store
+from dr_bridge.store import OptOutRow, Store, is_outage
 from dr_bridge.targets import select_stations
 
 
@@ -54,7 +54,7 @@ def opt_out_of_event(cfg: Config, store: Store, event_id: str, resources: list[s
         raise OptOutError(f"event {event_id} does not target {', '.join(untargeted)} "
                           f"(it targets: {', '.join(sorted(targeted)) or 'nothing configured'})", 2)
     text, opt_reason = _opt_reason(reason, "overrideStatus")
-    existing = {o.resource_id for o in store.opt_outs(event_id)}
+    existing = {o.resource_id for o in store.opt_outs(event_id) if not is_outage(o)}
     if None in existing:
         return f"event {event_id} is already opted out as a whole"
     wanted = [r for r in dict.fromkeys(resources) if r not in existing] if resources else [None]

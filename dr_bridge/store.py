@@ -127,6 +127,12 @@ class SessionState(SQLModel, table=True):
     updated_at: datetime = _ts(default_factory=utcnow)
 
 
+def is_outage(row: "OptOutRow") -> bool:
+    """The bridge's own opt-out for a station that went offline: undone once the station is back online (its
+    window_end then says when), and never in the way of the operator's own opt-out of that resource."""
+    return row.source == "automatic" and row.opt_reason == "outageRunStatus"
+
+
 class OptOutRow(SQLModel, table=True):
     __tablename__ = "opt_outs"
     id: Optional[int] = Field(default=None, primary_key=True)

@@ -120,6 +120,53 @@ async def test_a_station_offline_across_a_restart_is_limited_again_when_it_is_ba
     assert [o["event_id"] for o in opts_for(rig, "A")] == [event_id]
 
 
+@pytest.mark.parametrize("rig", [{"webhooks": True}], indirect=True)
+async def test_an_operator_opt_out_given_while_the_station_is_offline_stands_when_it_is_back(rig, bridge, tmp_path):
+    """The bridge's own outage opt-out must neither swallow the operator's (the command answered "already
+    opted out" and recorded nothing) nor take it away when the station returns (it was limited again)."""
+    event_id = rig.vtn.add_event(bridge.ven.ven_id, intervals=[(soon(2), timedelta(seconds=60), 2)])
+    await wait_for(lambda: calls(rig, "A") and calls(rig, "B"), 15)
+    rig.sim.set_online(rig.station_ids["A"], False)
+    await wait_for(lambda: opts_for(rig, "A"), 10)
+    result = cli(rig, tmp_path, "opt-out", event_id, "--resource", "A")
+    assert result.exit_code == 0 and "opt-out recorded" in result.output, result.output
+    await wait_for(lambda: [o["opt_reason"] for o in opts_for(rig, "A")] == ["outageRunStatus", "overrideStatus"], 10)
+    await wait_for(lambda: all(o.applied for o in bridge.store.opt_outs(event_id)), 5)  # the daemon took it in
+    before = len(calls(rig, "A"))
+    rig.sim.set_online(rig.station_ids["A"], True)
+    await wait_for(lambda: len(calls(rig, "A")) > before, 10)  # a reconnected charger is told its state again
+    await asyncio.sleep(1)
+    await bridge.engine.settle()
+    assert LIMIT_16 not in calls(rig, "A")[before:], calls(rig, "A")
+
+
+@pytest.mark.parametrize("rig", [{"webhooks": True}], indirect=True)
+async def test_a_station_back_online_is_still_limited_after_a_restart(rig, tmp_path):
+    first = await started(rig)
+    try:
+        event_id = rig.vtn.add_event(first.ven.ven_id, intervals=[(soon(2), timedelta(seconds=60), 2)])
+        await wait_for(lambda: calls(rig, "A") and calls(rig, "B"), 15)
+        rig.sim.set_online(rig.station_ids["A"], False)
+        await wait_for(lambda: opts_for(rig, "A"), 10)
+        before = len(calls(rig, "A"))
+        rig.sim.set_online(rig.station_ids["A"], True)
+        await wait_for(lambda: LIMIT_16 in calls(rig, "A")[before:], 10)
+        await first.engine.settle()
+    finally:
+        await first.stop()
+    before = len(calls(rig, "A"))
+    again = await started(rig)
+    try:
+        await asyncio.sleep(2)
+        await again.engine.settle()
+        # Resumed as it was: limited (the limit is sent again, as after any restart), never restored.
+        assert ("clear_power_limit", {}) not in calls(rig, "A")[before:], calls(rig, "A")[before:]
+        (outage,) = [o for o in event_detail(again.store, event_id)["opt_outs"] if o["resource_id"] == "A"]
+        assert "; back online 20" in outage["reason"]  # when it was back, in the event log
+    finally:
+        await again.stop()
+
+
 async def test_operator_opt_outs_reach_the_vtn_and_restore_within_5_seconds(rig, bridge, tmp_path):
     s = soon(2)
     event_id = rig.vtn.add_event(bridge.ven.ven_id, intervals=[(s, timedelta(seconds=60), 2)])
