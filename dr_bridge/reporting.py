@@ -211,7 +211,15 @@ class Reporter:
                                                 len({(p.interval_start, p.signal_name, p.signal_type)
                                                      for p in stored}))
         if ended and self._measured.get(row.event_id) != key:
-            self.store.save_performance(row.event_id, self._rows(row, ev, ended))
+            # A window measured once keeps its figures: its readings may have been pruned since, and the
+            # stored figures are the proof. A modification changes the schedule, so it is measured afresh.
+            stored = self.store.performance(row.event_id)
+            kept = [p for p in stored if p.modification_number == row.modification_number]
+            done = {(p.interval_start, p.signal_name, p.signal_type) for p in kept}
+            todo = [w for w in ended if (w.interval.start, w.interval.signal_name, w.interval.signal_type) not in done]
+            if todo or len(kept) != len(stored):
+                rows = [PerformanceRow(**p.model_dump(exclude={"id"})) for p in kept]
+                self.store.save_performance(row.event_id, rows + (self._rows(row, ev, todo) if todo else []))
             self._measured[row.event_id] = key
         if len(ended) == len(windows) and row.status in (COMPLETED, CANCELLED):
             self._done.add(row.event_id)
