@@ -12,6 +12,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from dr_bridge.domain import Event, SignalInterval, Station
+from dr_bridge.policy import is_cap_signal
 from dr_bridge.store import EventRow, Store
 from dr_bridge.targets import select_by_targets
 
@@ -167,8 +168,9 @@ def describe_performance(p: dict[str, Any]) -> str:
         return "?" if v is None else f"{v:.1f}"
 
     pct = "" if p["reduction_pct"] is None else f" ({p['reduction_pct']:.0f} %)"
-    return (f"{kw(p['baseline_kw'])} kW before, {kw(p['mean_kw'])} kW during: down {kw(p['reduction_kw'])} kW{pct}; "
-            f"asked at most {kw(p['requested_kw'])} kW")
+    asked = "under the event's site cap" if p["requested_kw"] is None and is_cap_signal(
+        p["signal_name"], p["signal_type"]) else f"asked at most {kw(p['requested_kw'])} kW"
+    return f"{kw(p['baseline_kw'])} kW before, {kw(p['mean_kw'])} kW during: down {kw(p['reduction_kw'])} kW{pct}; {asked}"
 
 
 def _short(at: datetime, ref: datetime) -> str:

@@ -20,7 +20,7 @@ from dr_bridge import schedule
 from dr_bridge.domain import ACTIVE, CANCELLED, COMPLETED, Event, PolicySettings, SignalInterval, Station
 from dr_bridge.eventlog import event_from_json, iso
 from dr_bridge.performance import HOLD, Sample, limit_kw, mean_power, power_at, reduction
-from dr_bridge.policy import UnsupportedSignal, station_limit
+from dr_bridge.policy import UnsupportedSignal, is_cap_signal, station_limit
 from dr_bridge.store import EventRow, OptOutRow, PerformanceRow, ReadingRow, Store, utcnow
 from dr_bridge.targets import select_stations
 
@@ -242,11 +242,14 @@ class Reporter:
             data = samples(sorted((r for s in mine for r in readings.get(s.id, ())), key=lambda r: r.at), by_id)
             baseline = mean_power(data, base_from, start) if base_from < start else None
             for w in windows:
-                try:
-                    limits = [limit_kw(station_limit(w.interval, s, self.settings), s) for s in mine]
-                except UnsupportedSignal:
-                    continue  # a signal the bridge does not act on promises nothing
-                requested = None if all(x is None for x in limits) else sum(x for x in limits if x is not None)
+                if is_cap_signal(w.interval.signal_name, w.interval.signal_type):
+                    requested = None  # one cap over every targeted station: no share of it is this resource's
+                else:
+                    try:
+                        limits = [limit_kw(station_limit(w.interval, s, self.settings), s) for s in mine]
+                    except UnsupportedSignal:
+                        continue  # a signal the bridge does not act on promises nothing
+                    requested = None if all(x is None for x in limits) else sum(x for x in limits if x is not None)
                 mean = mean_power(data, w.start, w.end)
                 baseline_kw, mean_kw = (baseline.kw if baseline else None), (mean.kw if mean else None)
                 reduction_kw, reduction_pct = reduction(baseline_kw, mean_kw)

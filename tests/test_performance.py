@@ -90,16 +90,14 @@ def test_the_opt_reasons_are_the_ones_openleadr_accepts():
     assert sorted(OPT_REASONS) == sorted(enums.OPT_REASON.values)
 
 
-async def test_measured_figures_survive_a_restart_after_their_readings_are_pruned(tmp_path):
-    """An event with an interval the bridge does not act on (a price) beside its level: after a restart the
-    stored rows cover fewer windows than have ended, and the event was measured afresh, from readings the
-    retention had pruned by then: baseline, mean and reduction all became null, the proof gone."""
+def _measured_event(tmp_path, intervals):
+    """A completed 30-minute event over one station with a reading a minute from 30 minutes before it: 22 kW
+    before, 11 kW during. Returns the config, the store and the time it is now."""
     import sqlalchemy as sa
 
     from dr_bridge.config import config_from_dict
-    from dr_bridge.domain import Event, SignalInterval
+    from dr_bridge.domain import Event
     from dr_bridge.eventlog import event_to_json
-    from dr_bridge.reporting import Reporter
     from dr_bridge.store import EventRow, ReadingRow, Store
 
     cfg = config_from_dict({"bridge": {"database_url": f"sqlite:///{tmp_path / 'b.db'}"},
@@ -108,15 +106,25 @@ async def test_measured_figures_survive_a_restart_after_their_readings_are_prune
     store = Store.for_config(cfg)
     now = datetime.now(timezone.utc).replace(microsecond=0)
     start, end = now - timedelta(minutes=40), now - timedelta(minutes=10)
-    ev = Event("E1", 0, start, end, [SignalInterval("SIMPLE", "level", start, end, 2),
-                                     SignalInterval("ELECTRICITY_PRICE", "price", start, end, 0.3)])
+    ev = Event("E1", 0, start, end, intervals(start, end))
     store.save_event(EventRow(event_id="E1", start=start, effective_start=start, end=end, status="completed",
                               modification_number=0, opt="optIn", event_json=event_to_json(ev)), [])
     readings = [dict(bridge="b", at=start + timedelta(minutes=m), session_id="S1", chargestation_id="C1",
                      power_kw=22.0 if m < 0 else 11.0) for m in range(-30, 31)]
     with store.engine.begin() as conn:
         conn.execute(sa.insert(ReadingRow.__table__), readings)
+    return cfg, store, now
 
+
+async def test_measured_figures_survive_a_restart_after_their_readings_are_pruned(tmp_path):
+    """An event with an interval the bridge does not act on (a price) beside its level: after a restart the
+    stored rows cover fewer windows than have ended, and the event was measured afresh, from readings the
+    retention had pruned by then: baseline, mean and reduction all became null, the proof gone."""
+    from dr_bridge.domain import SignalInterval
+    from dr_bridge.reporting import Reporter
+
+    cfg, store, now = _measured_event(tmp_path, lambda start, end: [
+        SignalInterval("SIMPLE", "level", start, end, 2), SignalInterval("ELECTRICITY_PRICE", "price", start, end, 0.3)])
     await Reporter(cfg, store, ven=None, clock=lambda: now).measure()
     (first,) = store.performance("E1")
     assert (first.baseline_kw, first.mean_kw, first.reduction_kw) == (22.0, 11.0, 11.0)
@@ -125,4 +133,19 @@ async def test_measured_figures_survive_a_restart_after_their_readings_are_prune
     await Reporter(cfg, store, ven=None, clock=lambda: now + timedelta(hours=1)).measure()  # a restart
     (again,) = store.performance("E1")
     assert (again.baseline_kw, again.mean_kw, again.reduction_kw) == (22.0, 11.0, 11.0)
+    store.close()
+
+
+async def test_a_site_cap_event_is_measured_per_resource_too(tmp_path):
+    """A setpoint caps every targeted station together, so no share of it is a resource's own to request;
+    the measured baseline, mean and reduction are the proof all the same (there were none at all)."""
+    from dr_bridge.domain import SignalInterval
+    from dr_bridge.reporting import Reporter
+
+    cfg, store, now = _measured_event(tmp_path, lambda start, end: [
+        SignalInterval("LOAD_CONTROL", "x-loadControlSetpoint", start, end, 11.0)])
+    await Reporter(cfg, store, ven=None, clock=lambda: now).measure()
+    (row,) = store.performance("E1")
+    assert (row.resource_id, row.signal_type, row.baseline_kw, row.mean_kw, row.reduction_kw, row.requested_kw) == (
+        "C1", "x-loadControlSetpoint", 22.0, 11.0, 11.0, None)
     store.close()
