@@ -269,7 +269,7 @@ class Store:
         self.bridge = bridge
 
     @classmethod
-    def open(cls, url: str, migrate: bool = True, bridge: str = "") -> "Store":
+    def open(cls, url: str, migrate: bool = True, bridge: str = "", vtn_url: str | None = None) -> "Store":
         if migrate:
             upgrade(url)
         connect_args = {"check_same_thread": False, "timeout": 30} if url.startswith("sqlite") else {}
@@ -282,13 +282,13 @@ class Store:
                 dbapi_conn.execute("PRAGMA busy_timeout=30000")
         store = cls(engine, bridge)
         if bridge:
-            store._adopt_unowned()
+            store._adopt_unowned(vtn_url)
         return store
 
     @classmethod
     def for_config(cls, cfg: Any) -> "Store":
         """The store of the bridge a config describes: its database, its VEN's rows."""
-        return cls.open(normalise_url(cfg.bridge.database_url), bridge=cfg.vtn.ven_name)
+        return cls.open(normalise_url(cfg.bridge.database_url), bridge=cfg.vtn.ven_name, vtn_url=cfg.vtn.url)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -296,12 +296,18 @@ class Store:
     def session(self) -> Session:
         return Session(self.engine, expire_on_commit=False)
 
-    def _adopt_unowned(self) -> None:
+    def _adopt_unowned(self, vtn_url: str | None) -> None:
         """Rows written before bridges were told apart belong to the one bridge that used the database then:
-        the first named bridge to open it, and only while no other has."""
+        the bridge of the VTN they record, or where they record none, the first named bridge to open it while
+        no other has. Taken by another bridge, its sessions would never be restored and its VEN id would be
+        presented to the wrong VTN."""
         with self.session() as s:
-            named = s.exec(select(VenState.bridge).where(VenState.bridge != "")).first()
-            if named is not None:
+            legacy = s.get(VenState, "")
+            known = legacy.vtn_url.rstrip("/") if legacy is not None and legacy.vtn_url else None
+            if known is not None and vtn_url is not None:
+                if known != vtn_url.rstrip("/"):
+                    return  # another VTN's bridge wrote them
+            elif s.exec(select(VenState.bridge).where(VenState.bridge != "")).first() is not None:
                 return
             for model in SCOPED:
                 s.execute(sa.update(model).where(model.bridge == "").values(bridge=self.bridge))

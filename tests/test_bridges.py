@@ -59,6 +59,25 @@ def test_rows_from_before_bridges_were_told_apart_go_to_the_first_named_bridge(d
         second.close()
 
 
+def test_rows_from_before_bridges_were_told_apart_go_to_the_bridge_of_their_vtn(db_url):
+    """Upgraded, then bridge B's `events list` run first: B took A's VEN id and A's limited sessions, which A
+    then never restored. The rows record the VTN they came from, and only that VTN's bridge takes them."""
+    legacy = Store.open(db_url)
+    legacy.save_session_state("S1", chargestation_id="C1", resource_id="r", limited=True)
+    legacy.save_ven_state("ven-a", "reg", "https://vtn-a.example/OpenADR2/Simple/2.0b")
+    legacy.close()
+    b = Store.open(db_url, bridge="utility-b", vtn_url="https://vtn-b.example/OpenADR2/Simple/2.0b")
+    b.save_ven_state("ven-b", "reg-b", "https://vtn-b.example/OpenADR2/Simple/2.0b")  # and B even ran
+    a = Store.open(db_url, bridge="utility-a", vtn_url="https://vtn-a.example/OpenADR2/Simple/2.0b/")
+    try:
+        assert b.ven_state().ven_id == "ven-b" and b.session_states(limited_only=True) == []
+        assert a.ven_state().ven_id == "ven-a"
+        assert [s.session_id for s in a.session_states(limited_only=True)] == ["S1"]
+    finally:
+        a.close()
+        b.close()
+
+
 def test_a_station_is_claimed_once_unless_both_share_it(db_url):
     a, b = Store.open(db_url, bridge="utility-a"), Store.open(db_url, bridge="utility-b")
     try:
