@@ -65,7 +65,7 @@ def boundaries(event: Event, offset_s: float, max_event_hours: float) -> list[da
     if event.cancelled:
         return []
     end = effective_end(event, offset_s, max_event_hours)
-    times = {end}
+    times = {effective_start(event, offset_s), end}  # an interval may begin before the event does
     for interval in shifted_intervals(event, offset_s):
         times.add(interval.start)
         if interval.end is not None:

@@ -160,6 +160,14 @@ def test_boundaries_include_gaps_and_event_end():
     assert boundaries(event, 0, MAX_H) == [T0, T0 + 10 * MIN, T0 + 20 * MIN, T0 + 30 * MIN, T0 + 60 * MIN]
 
 
+def test_boundaries_include_the_event_start_when_an_interval_begins_before_it():
+    # Nothing is active before the event starts, so the limit's start is the event's, not the interval's:
+    # without a job then, it waited for the next periodic pass.
+    event = Event("e7", 0, T0, T0 + 60 * MIN, [capacity(-5, 25, 0.5)])
+    assert T0 in boundaries(event, 0, MAX_H)
+    assert boundaries(event, 30, MAX_H)[1] == T0 + timedelta(seconds=30)
+
+
 # --- status -------------------------------------------------------------------------------------
 
 
