@@ -111,6 +111,8 @@ def cap_watts(interval: SignalInterval, baseline_w: float) -> float | None:
     if not math.isfinite(value):
         raise UnsupportedSignal(f"{interval.signal_type} {value!r} is not a number")
     if key in SETPOINTS:
+        if not math.isfinite(value * 1000.0):  # finite in kW, but not in W: read as 0 W, it paused everyone
+            raise UnsupportedSignal(f"{interval.signal_type} {value!r} kW is out of range")
         return max(0.0, value * 1000.0)  # kW
     if key == PERCENT_OFFSET:
         # A change from normal: -20 means 20 % below the baseline. An increase cannot be asked of a limit.

@@ -231,6 +231,8 @@ def test_setpoints_are_kw():
     assert cap_watts(interval("LOAD_CONTROL", "x-loadControlSetpoint", 50), 0) == 50_000
     assert cap_watts(interval("LOAD_DISPATCH", "setpoint", 12.5), 0) == 12_500
     assert cap_watts(interval("LOAD_DISPATCH", "setpoint", -3), 0) == 0
+    with pytest.raises(UnsupportedSignal, match="out of range"):  # 1e306 kW overflowed to inf W, read as 0 W
+        cap_watts(interval("LOAD_CONTROL", "x-loadControlSetpoint", 1e306), 0)
 
 
 def test_percent_offset_is_relative_to_the_baseline():
