@@ -142,11 +142,15 @@ def _intervals(signal: dict, event_start: datetime) -> list[SignalInterval]:
             measurement = signal.get("measurement") or {}
             scale = "" if measurement.get("scale") in (None, "none") else str(measurement["scale"])
             signal_type = f"{signal_type} in {scale}{measurement.get('unit') or '?'}"
-    for interval in signal.get("intervals") or []:
+    intervals = signal.get("intervals") or []
+    for i, interval in enumerate(intervals):
         # Third-party VTNs often send intervals without dtstart: they follow each other from the event start.
         start = _as_utc(interval["dtstart"]) if interval.get("dtstart") is not None else cursor
         duration = _as_timedelta(interval.get("duration"))
-        end = start + duration if duration > timedelta(0) else None
+        if duration < timedelta(0):
+            raise ValueError(f"interval {i} of {signal.get('signal_name')} has a negative duration ({duration})")
+        # Zero means open-ended only on the last interval (schedule.interval_bounds); earlier, it is empty.
+        end = start + duration if duration > timedelta(0) or i < len(intervals) - 1 else None
         value = float(interval.get("signal_payload") or 0.0)
         result.append(SignalInterval(signal_name=str(signal.get("signal_name")), signal_type=signal_type,
                                      start=start, end=end, value=value if watts is None else value * watts / 1000))
@@ -164,6 +168,8 @@ def event_from_openleadr(d: dict) -> Event:
     period = d.get("active_period") or {}
     start = _as_utc(period["dtstart"])
     duration = _as_timedelta(period.get("duration"))
+    if duration < timedelta(0):
+        raise ValueError(f"the event's duration is negative ({duration})")  # answered optOut, and logged
     intervals = [iv for signal in _signals(d) for iv in _intervals(signal, start)]
     tolerance = period.get("tolerance") or {}
     start_after = (tolerance.get("tolerate") or {}).get("startafter") or tolerance.get("startafter")
@@ -478,6 +484,10 @@ class Ven:
         event_id = (d.get("event_descriptor") or {}).get("event_id")
         try:
             event = event_from_openleadr(d)
+        except ValueError as exc:  # read, but not an event anyone can act on (a negative duration)
+            log.warning("event %s refused: %s; answering optOut", event_id, exc)
+            return "optOut"
+        try:
             answer = await self._on_event(event)
             opt, reason = answer
             if opt not in OPT_TYPES:

@@ -22,6 +22,26 @@ def soon(minutes: int = 5) -> datetime:
 
 # ---- normalisation (pure) ------------------------------------------------------------------------------
 
+def _with_durations(event_duration: timedelta, *durations: timedelta) -> dict:
+    return {"event_descriptor": {"event_id": "E-D", "modification_number": 0},
+            "active_period": {"dtstart": datetime(2026, 3, 1, 12, tzinfo=UTC), "duration": event_duration},
+            "event_signals": [{"signal_name": "SIMPLE", "signal_type": "level", "signal_id": "s",
+                               "intervals": [{"duration": d, "uid": i, "signal_payload": 3 - i}
+                                             for i, d in enumerate(durations)]}]}
+
+
+def test_a_zero_duration_is_open_ended_only_on_the_last_interval_and_a_negative_one_is_refused() -> None:
+    start = datetime(2026, 3, 1, 12, tzinfo=UTC)
+    # Read as open-ended, the empty first interval held level 3 over the whole event instead of level 2.
+    event = event_from_openleadr(_with_durations(60 * MIN, timedelta(0), 60 * MIN))
+    assert [(iv.start, iv.end, iv.value) for iv in event.intervals] == [
+        (start, start, 3.0), (start, start + 60 * MIN, 2.0)]
+    # Negative durations were read as open-ended too: limited until the backstop instead of refused.
+    for bad in (_with_durations(-15 * MIN, 15 * MIN), _with_durations(60 * MIN, -15 * MIN)):
+        with pytest.raises(ValueError, match="negative"):
+            event_from_openleadr(bad)
+
+
 def test_normalises_third_party_event_dict() -> None:
     start = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
     d = {
