@@ -147,6 +147,12 @@ class Reporter:
         for row in self.store.opt_outs(unacknowledged=True):
             if row.id in self._given_up or self._next_try.get(row.id, 0.0) > time.monotonic():
                 continue
+            event = self.store.get_event(row.event_id) if row.event_id else None
+            if event is not None and event.dry_run:
+                # Taken during a dry run (which sends the VTN nothing): a later real run must not send it.
+                log.info("opt-out %d belongs to dry-run event %s: not sent", row.id, row.event_id)
+                self._given_up.add(row.id)
+                continue
             if row.at < self.clock() - GIVE_UP_AFTER:
                 log.error("opt-out %d (event %s, resource %s) was never acknowledged by the VTN; giving up",
                           row.id, row.event_id, row.resource_id)

@@ -167,6 +167,26 @@ async def test_a_station_back_online_is_still_limited_after_a_restart(rig, tmp_p
         await again.stop()
 
 
+async def test_an_opt_out_taken_during_a_dry_run_never_reaches_the_vtn(rig, tmp_path):
+    dry = Bridge(rig.config(), API_KEY, vtn_backoff_s=0.2, dry_run=True)
+    await dry.start()
+    try:
+        await wait_for(lambda: dry.ven.registered, 15)
+        event_id = rig.vtn.add_event(dry.ven.ven_id, intervals=[(soon(2), timedelta(seconds=60), 2)])
+        await wait_for(lambda: dry.store.get_event(event_id) is not None, 10)
+        assert cli(rig, tmp_path, "opt-out", event_id, "--resource", "A").exit_code == 0
+        await asyncio.sleep(3)
+    finally:
+        await dry.stop()
+    real = await started(rig)  # the same database, run for real now
+    try:
+        await asyncio.sleep(3)  # the reporter looks every second
+        assert rig.vtn.opts == []
+        assert [o.sent for o in real.store.opt_outs(event_id)] == [False]
+    finally:
+        await real.stop()
+
+
 async def test_operator_opt_outs_reach_the_vtn_and_restore_within_5_seconds(rig, bridge, tmp_path):
     s = soon(2)
     event_id = rig.vtn.add_event(bridge.ven.ven_id, intervals=[(s, timedelta(seconds=60), 2)])
