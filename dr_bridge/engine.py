@@ -136,6 +136,9 @@ class Engine:
                                replace_existing=True)
         self.scheduler.add_job(self._prune, "interval", hours=1, id="retention", replace_existing=True,
                                next_run_time=self.clock())
+        # Opt-outs the operator recorded while the bridge was stopped, before the first pass: otherwise it
+        # would send the event's limits again and lift them two seconds later.
+        await self._apply_operator_opt_outs()
         self._loop_task = asyncio.create_task(self._loop(), name="engine-loop")
         self.kick()
 

@@ -187,6 +187,27 @@ async def test_an_opt_out_taken_during_a_dry_run_never_reaches_the_vtn(rig, tmp_
         await real.stop()
 
 
+async def test_an_opt_out_recorded_while_the_bridge_is_stopped_is_applied_before_its_first_pass(rig, tmp_path):
+    first = await started(rig)
+    try:
+        event_id = rig.vtn.add_event(first.ven.ven_id, intervals=[(soon(2), timedelta(seconds=60), 2)])
+        await wait_for(lambda: calls(rig, "A") and calls(rig, "B"), 15)
+        await first.engine.settle()
+    finally:
+        await first.stop()
+    assert cli(rig, tmp_path, "opt-out", event_id).exit_code == 0  # the whole event, the daemon stopped
+    before = {r: len(calls(rig, r)) for r in "AB"}
+    again = await started(rig)
+    try:
+        restored = {r: [("clear_power_limit", {})] * len(rig.sessions[r]) for r in "AB"}  # one per session
+        await wait_for(lambda: all(len(calls(rig, r)) - before[r] >= len(restored[r]) for r in "AB"), 10)
+        await again.engine.settle()
+        # Restored at once: the limits were not sent again first.
+        assert {r: calls(rig, r)[before[r]:] for r in "AB"} == restored
+    finally:
+        await again.stop()
+
+
 async def test_operator_opt_outs_reach_the_vtn_and_restore_within_5_seconds(rig, bridge, tmp_path):
     s = soon(2)
     event_id = rig.vtn.add_event(bridge.ven.ven_id, intervals=[(s, timedelta(seconds=60), 2)])
