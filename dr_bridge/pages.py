@@ -84,8 +84,11 @@ class _Pages:
             since = parse_iso(q.get("since"))
         except ValueError:
             raise web.HTTPBadRequest(text="since: not an ISO 8601 time\n") from None
+        # Given the configured stations, a resource's events include those aimed at its group or the whole
+        # VEN, as `events list --resource` finds them.
         rows = await asyncio.to_thread(list_events, self.store(), since=since, status=q.get("status") or None,
-                                       resource=q.get("resource") or None)
+                                       resource=q.get("resource") or None,
+                                       stations=self.cfg.stations() if self.cfg is not None else None)
         return _html(render_list(rows, dict(q)))
 
     async def event_page(self, request: web.Request) -> web.Response:

@@ -191,3 +191,24 @@ def test_a_big_event_pages_its_timeline_and_counts_every_action(tmp_path, monkey
     assert first.count('<tr class="action') == 2 and last.count('<tr class="action') == 1
     assert "received, answered" in first and "received, answered" not in last  # each entry on one page
     assert "event ends" in last and "event ends" not in first
+
+
+async def test_the_list_filtered_by_resource_shows_events_aimed_at_the_whole_ven(tmp_path):
+    """As `events list --resource` does: an event for every station (no resource named, nothing sent yet)
+    is one of the resource's events; the page left it out."""
+    r = Rig(tmp_path, [StationSpec("A"), StationSpec("B")])
+    await r.start()
+    bridge = Bridge(r.config(), API_KEY, vtn_backoff_s=0.2)
+    await bridge.start()
+    try:
+        await wait_for(lambda: bridge.ven.registered, 15)
+        everyone = r.vtn.add_event(bridge.ven.ven_id, intervals=[(soon(600), timedelta(seconds=60), 2)])
+        elsewhere = r.vtn.add_event(bridge.ven.ven_id, intervals=[(soon(600), timedelta(seconds=60), 2)],
+                                    targets=[{"resource_id": "B"}])
+        await wait_for(lambda: bridge.store.get_event(everyone) and bridge.store.get_event(elsewhere), 10)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{bridge.http.port}") as c:
+            page = (await c.get("/events", params={"resource": "A"})).text
+        assert everyone in page and elsewhere not in page
+    finally:
+        await bridge.stop()
+        await r.stop()
