@@ -39,7 +39,7 @@ def fail(message: str, code: int = 1) -> None:
 
 def setup_logging(debug: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%Y-%m-%dT%H:%M:%S%z")
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%Y-%m-%dT%H:%M:%SZ")
     logging.Formatter.converter = __import__("time").gmtime
     for noisy in ("openleadr", "apscheduler", "httpx", "aiohttp.access", "alembic"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)
@@ -237,5 +237,6 @@ def main() -> None:
     except Exception as exc:  # the promise: one clear line, the traceback only with --debug
         if debug:
             raise
-        err.print(f"error: {exc.__class__.__name__}: {exc}", markup=False, highlight=False)
+        first = (str(exc).splitlines() or [""])[0]  # a driver's error can run to several lines
+        err.print(f"error: {exc.__class__.__name__}: {first}", markup=False, highlight=False)
         sys.exit(1)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -147,3 +148,22 @@ def test_run_logs_what_check_config_would_warn_about(tmp_path, monkeypatch, capl
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
         f"config: no rule at or below level 1, 2 ([levels] replaces the defaults as a whole): an event at these "
         f"levels is answered optOut (levels in {path})"]
+
+
+def test_log_lines_carry_utc_timestamps_ending_in_z():
+    # The contract: timestamps everywhere are ISO 8601 UTC with a Z (logs said +0000).
+    code = "import logging; from dr_bridge.cli import setup_logging; setup_logging(); logging.getLogger('x').warning('hi')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ WARNING x: hi\n", out.stderr), out.stderr
+
+
+def test_an_unreachable_database_at_start_is_one_line(tmp_path):
+    # psycopg's connection error runs to several lines; the contract promises one, without a traceback.
+    path = tmp_path / "bridge.toml"
+    path.write_text('[bridge]\ndatabase_url = "postgresql://127.0.0.1:9/nothing"\n'
+                    '[vtn]\nurl = "http://127.0.0.1:9/OpenADR2/Simple/2.0b"\n[edrv]\napi_key_env = "TEST_EDRV_KEY"\n'
+                    '[[chargestations]]\nid = "C1"\nmax_current = 32\n')
+    out = subprocess.run([sys.executable, "-c", "from dr_bridge.cli import main; main()", "run", "--config", str(path)],
+                         capture_output=True, text=True, timeout=60, env={**os.environ, "TEST_EDRV_KEY": "k"})
+    assert out.returncode == 1
+    assert len(out.stderr.strip().splitlines()) == 1 and out.stderr.startswith("error: "), out.stderr
