@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dr_bridge.http")
 MAX_WEBHOOK_BYTES = 1 << 20
+WEBHOOK_TRIES = 3  # handling a webhook, before it is left for the next start to replay
+WEBHOOK_RETRY_S = 1.0  # times the attempt number
 
 
 class Metrics:
@@ -127,11 +129,20 @@ class HttpServer:
 
     def _process(self, webhook_id: str, env) -> None:
         async def run() -> None:
-            try:
-                await self.bridge.engine.on_webhook(env)
-            except Exception:
-                log.exception("processing webhook %s (%s) failed", env.id, env.type)
-            self.bridge.engine.journal.submit(("webhook_processed", webhook_id, {}))
+            for attempt in range(1, WEBHOOK_TRIES + 1):
+                try:
+                    await self.bridge.engine.on_webhook(env)
+                except Exception:
+                    # Typically the database away for a moment. Marked processed, the webhook (a charger's
+                    # answer, a session's start or end) would be lost; left unprocessed, a restart replays it.
+                    log.exception("processing webhook %s (%s) failed (attempt %d of %d)", env.id, env.type,
+                                  attempt, WEBHOOK_TRIES)
+                    if attempt < WEBHOOK_TRIES:
+                        await asyncio.sleep(WEBHOOK_RETRY_S * attempt)
+                    continue
+                self.bridge.engine.journal.submit(("webhook_processed", webhook_id, {}))
+                return
+            log.error("webhook %s (%s) is left unprocessed: the next start replays it", env.id, env.type)
 
         task = asyncio.create_task(run())
         self._tasks.add(task)

@@ -278,3 +278,24 @@ async def test_finished_events_and_ended_sessions_are_forgotten_in_memory_not_in
     # The event log keeps everything.
     assert bridge.store.get_event(event_id).status == "completed"
     assert [a.purpose for a in bridge.store.actions(event_id)] == ["limit", "restore"]
+
+
+async def test_a_webhook_whose_handling_fails_for_a_moment_is_handled_again_not_dropped(rig, bridge, monkeypatch):
+    """Handling failed (the database away for the lookup) and the webhook was marked processed all the same:
+    here the charger's acceptance of a limit, lost for good, so the log never showed it accepted."""
+    import sqlalchemy as sa
+
+    handle, failed = bridge.engine.on_webhook, []
+
+    async def away_once(env):
+        if env.type == "session.set_power_limit.accepted" and not failed:
+            failed.append(env.id)  # no real outage can be aimed at this one lookup
+            raise sa.exc.OperationalError("SELECT ...", {}, Exception("the server closed the connection"))
+        return await handle(env)
+
+    monkeypatch.setattr(bridge.engine, "on_webhook", away_once)
+    event_id = rig.vtn.add_event(bridge.ven.ven_id, intervals=[(soon(2), timedelta(seconds=30), 2)],
+                                 targets=[{"resource_id": "A"}])
+    await wait_for(lambda: failed, 15)
+    await wait_for(lambda: [a.status for a in bridge.store.actions(event_id)] == ["accepted"], 10)
+    assert bridge.store.unprocessed_webhooks() == []
