@@ -620,12 +620,8 @@ class Store:
         t = ReadingRow.__table__.c
         q = sa.select(t.at, t.session_id, t.chargestation_id, t.power_kw, t.current_a).where(
             t.bridge == self.bridge, t.chargestation_id.in_(list(station_ids)), t.at >= start, t.at <= end)
-        out: list[sa.Row] = []
         with self.engine.connect() as conn:
-            # In parts: a single fetch of them all holds the GIL the event loop needs for most of a second.
-            for part in conn.execution_options(stream_results=True).execute(q.order_by(t.at, t.id)).partitions(2000):
-                out.extend(part)
-        return out
+            return list(conn.execute(q.order_by(t.at, t.id)))
 
     # --- measured reduction ------------------------------------------------------------------------------
     def performance(self, event_id: str) -> list[PerformanceRow]:
