@@ -189,6 +189,7 @@ async def test_a_shared_station_holds_the_strictest_wish_and_is_restored_when_bo
         await b.stop()
 
 
+@pytest.mark.slow  # waits out the other bridge's event
 async def test_releasing_one_bridge_hands_a_shared_session_to_the_other_bridges_wish(rig, tmp_path):
     """release-all (and --restore-on-exit) on bridge A must not clear a shared station that bridge B still
     wants limited: B believes eDRV holds its limit and would never send it again, so its event would run

@@ -167,6 +167,7 @@ async def test_a_station_back_online_is_still_limited_after_a_restart(rig, tmp_p
         await again.stop()
 
 
+@pytest.mark.slow  # two bridges in turn, each waited on
 async def test_an_opt_out_taken_during_a_dry_run_never_reaches_the_vtn(rig, tmp_path):
     dry = Bridge(rig.config(), API_KEY, vtn_backoff_s=0.2, dry_run=True)
     await dry.start()
