@@ -97,6 +97,7 @@ class Engine:
         self._finalising: set[int] = set()  # actions whose final outcome is on its way to the database
         self._expiring: set[int] = set()  # actions counted as unanswered, that mark on its way to the database
         self._wished: dict = {}  # what this bridge last published of the stations it shares
+        self._offline: set[str] = set()  # stations eDRV said went offline and has not said are back
         self._idle = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         self._lock = asyncio.Lock()
@@ -408,6 +409,9 @@ class Engine:
             self._update_status(live, now)
             if not live.acting or live.status != ACTIVE:
                 continue
+            # Offline since before the event began: an outage from its start, not a refusal found calls later.
+            for sid in sorted(live.station_ids & self._offline):
+                await self._outage(live, self.fleet.stations[sid])
             owner = (live.event.event_id, live.dry)
             own_budgets, own_caps = (dry_budgets, dry_caps) if live.dry else (budgets, caps)
             targeted = sorted(sid for sid in live.station_ids
@@ -759,6 +763,7 @@ class Engine:
         if station is None:
             return
         if online:
+            self._offline.discard(station_id)
             log.info("station %s is back online: re-limiting its sessions", station.resource_id)
             for live in self.events.values():
                 if station.resource_id in live.offline:
@@ -774,14 +779,19 @@ class Engine:
                 self.dispatcher.forget(session_id)  # a charger that reconnects may have lost its limits
             self.kick()
             return
+        self._offline.add(station_id)
         for live in self.events.values():
-            # Already opted out (by the operator, an availability window or non-compliance): that stands, and
-            # the station's return must not undo it.
-            if live.acting and live.status == ACTIVE and station_id in live.station_ids \
-                    and station.resource_id not in live.opted_out:
-                await self._noncompliant("", station, live.event.event_id, "station offline (outageRunStatus)",
-                                         opt_reason="outageRunStatus")
-                live.offline.add(station.resource_id)
+            if live.acting and live.status == ACTIVE and station_id in live.station_ids:
+                await self._outage(live, station)
+
+    async def _outage(self, live: LiveEvent, station: Station) -> None:
+        """The station is offline during the event: opted out as an outage until it is back online. Already
+        opted out (by the operator, an availability window or non-compliance), that stands, and the station's
+        return must not undo it."""
+        if station.resource_id not in live.opted_out:
+            await self._noncompliant("", station, live.event.event_id, "station offline (outageRunStatus)",
+                                     opt_reason="outageRunStatus")
+            live.offline.add(station.resource_id)
 
     async def _expire_unanswered(self) -> None:
         if not self.webhooks_seen:

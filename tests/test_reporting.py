@@ -81,6 +81,20 @@ async def test_a_station_that_goes_offline_mid_event_is_reported_as_an_outage(ri
     assert opts_for(rig, "B") == []
 
 
+@pytest.mark.parametrize("rig", [{"webhooks": True}], indirect=True)
+async def test_a_station_offline_before_the_event_is_an_outage_from_its_start(rig, bridge):
+    """Offline before the event began, the station was only found out by its refused limit calls, seconds
+    later (with real eDRV, after every call timed out), and reported as notParticipating."""
+    rig.sim.set_online(rig.station_ids["A"], False)
+    await asyncio.sleep(0.5)  # the offline webhook is in
+    event_id = rig.vtn.add_event(bridge.ven.ven_id, intervals=[(soon(2), timedelta(seconds=60), 2)])
+    await wait_for(lambda: opts_for(rig, "A") and calls(rig, "B"), 15)
+    assert [(o["event_id"], o["opt_reason"]) for o in opts_for(rig, "A")] == [(event_id, "outageRunStatus")]
+    assert not [c for c in calls(rig, "A") if c[0] == "set_power_limit"]  # never tried while offline
+    rig.sim.set_online(rig.station_ids["A"], True)
+    await wait_for(lambda: ("set_power_limit", {"unit": "current", "limit": 16}) in calls(rig, "A"), 10)
+
+
 LIMIT_16 = ("set_power_limit", {"unit": "current", "limit": 16})
 
 
@@ -141,6 +155,7 @@ async def test_an_operator_opt_out_given_while_the_station_is_offline_stands_whe
 
 
 @pytest.mark.parametrize("rig", [{"webhooks": True}], indirect=True)
+@pytest.mark.slow  # a restart
 async def test_a_station_back_online_is_still_limited_after_a_restart(rig, tmp_path):
     first = await started(rig)
     try:
@@ -188,6 +203,7 @@ async def test_an_opt_out_taken_during_a_dry_run_never_reaches_the_vtn(rig, tmp_
         await real.stop()
 
 
+@pytest.mark.slow  # a restart
 async def test_an_opt_out_recorded_while_the_bridge_is_stopped_is_applied_before_its_first_pass(rig, tmp_path):
     first = await started(rig)
     try:
