@@ -159,7 +159,7 @@ class Reporter:
                 self._given_up.add(row.id)
                 continue
             try:
-                acknowledged, what = await self._send(row)
+                acknowledged, what = await self._send(row, event)
             except Exception:  # counted as a failed attempt, so a bad row cannot spin
                 log.exception("sending opt-out %d failed", row.id)
                 acknowledged, what = False, f"opt-out {row.id}"
@@ -174,14 +174,13 @@ class Reporter:
             self._next_try[row.id] = time.monotonic() + delay
             log.warning("VTN did not acknowledge %s (attempt %d); retrying in %.0f s", what, attempts, delay)
 
-    async def _send(self, row: OptOutRow) -> tuple[bool, str]:
+    async def _send(self, row: OptOutRow, event: EventRow | None) -> tuple[bool, str]:
         reason = opt_reason(row)
         opt_id = f"dr-bridge-opt-{row.id}"
         if row.event_id is None:
             what = f"unavailability of {row.resource_id} from {iso(row.window_start)} until {iso(row.window_end)}"
             return await self.ven.send_availability(row.resource_id, row.window_start, row.window_end, reason,
                                                     opt_id=opt_id), what
-        event = self.store.get_event(row.event_id)
         # The VTN judges an opt against the event as it is now, so a later modification number wins.
         number = max(row.modification_number or 0, event.modification_number if event else 0)
         if number != row.modification_number:
@@ -210,15 +209,10 @@ class Reporter:
         windows = _windows(row, ev, self.cfg.bridge.max_event_hours)
         ended = [w for w in windows if w.end + timedelta(seconds=self.settle_s) <= now]
         key = (row.modification_number, len(ended))
-        if row.event_id not in self._measured:  # after a restart: what an earlier run already stored
-            stored = self.store.performance(row.event_id)
-            if stored:
-                self._measured[row.event_id] = (stored[0].modification_number,
-                                                len({(p.interval_start, p.signal_name, p.signal_type)
-                                                     for p in stored}))
         if ended and self._measured.get(row.event_id) != key:
-            # A window measured once keeps its figures: its readings may have been pruned since, and the
-            # stored figures are the proof. A modification changes the schedule, so it is measured afresh.
+            # A window measured once keeps its figures (after a restart too): its readings may have been
+            # pruned since, and the stored figures are the proof. A modification changes the schedule, so it
+            # is measured afresh.
             stored = self.store.performance(row.event_id)
             kept = [p for p in stored if p.modification_number == row.modification_number]
             done = {(p.interval_start, p.signal_name, p.signal_type) for p in kept}
@@ -241,7 +235,7 @@ class Reporter:
         start = schedule.effective_start(ev, row.offset_s)
         base_from = start - timedelta(minutes=self.cfg.bridge.baseline_minutes)
         readings: dict[str, list] = defaultdict(list)  # by station: one pass, not one per resource
-        for r in self.store.reading_values(by_id, base_from - HOLD, max(w.end for w in windows)):
+        for r in self.store.reading_log(by_id, base_from - HOLD, max(w.end for w in windows)):
             readings[r.chargestation_id].append(r)
         out = []
         for resource_id, mine in sorted(by_resource.items()):

@@ -613,16 +613,6 @@ class Store:
                                          ReadingRow.at >= start, ReadingRow.at <= end)
             return list(s.exec(q.order_by(ReadingRow.at, ReadingRow.id)))
 
-    def reading_values(self, station_ids: Iterable[str], start: datetime, end: datetime) -> list[sa.Row]:
-        """readings_between's rows as plain tuples (at, session_id, chargestation_id, power_kw, current_a): an
-        event's measurement reads a million of them at 2,000 stations, and building an ORM object for each
-        was most of its time."""
-        t = ReadingRow.__table__.c
-        q = sa.select(t.at, t.session_id, t.chargestation_id, t.power_kw, t.current_a).where(
-            t.bridge == self.bridge, t.chargestation_id.in_(list(station_ids)), t.at >= start, t.at <= end)
-        with self.engine.connect() as conn:
-            return list(conn.execute(q.order_by(t.at, t.id)))
-
     # --- measured reduction ------------------------------------------------------------------------------
     def performance(self, event_id: str) -> list[PerformanceRow]:
         with self.session() as s:
