@@ -45,15 +45,16 @@ class Journal:
         self.max_batch = max_batch
         self.first_batch = min(first_batch, max_batch)
         self.lag_s = lag_s
-        self._queue: list[tuple[list[Write], asyncio.Future]] = []
-        self._kept: dict[asyncio.Future, float] = {}  # submitted writes (nobody awaits them) -> give up at
+        # (writes, their future, submitted: nobody awaits them, so they are kept through an outage)
+        self._queue: list[tuple[list[Write], asyncio.Future, bool]] = []
+        self._give_up_at: dict[asyncio.Future, float] = {}  # submitted writes that failed once
         self._writer: asyncio.Task | None = None
         self._lag: asyncio.TimerHandle | None = None
         self._statements: dict[tuple[str, tuple[str, ...]], _Prepared] = {}
 
     async def write(self, *writes: Write) -> list[Any]:
         """Commit these writes (together, in order, with whatever else is queued) now; their results."""
-        future = self._enqueue(writes)
+        future = self._enqueue(writes, submitted=False)
         self._start()
         return await future
 
@@ -63,17 +64,15 @@ class Journal:
         but must not cost the event loop a commit: they go with the next write() or commit already under
         way, or after lag_s at the latest. Each commit costs its fsync and a batch's own work, and with 20 ms
         per eDRV call the answers trickle in one by one: committed at once, that was a commit per call."""
-        future = self._enqueue(writes)
-        self._kept[future] = float("inf")  # until its first failure
+        future = self._enqueue(writes, submitted=True)
         if self._lag is None and (self._writer is None or self._writer.done()):
             self._lag = asyncio.get_running_loop().call_later(self.lag_s, self._start)
         future.add_done_callback(lambda f: _log_failure(f, writes))
-        future.add_done_callback(self._kept.pop)
         return future
 
-    def _enqueue(self, writes: tuple[Write, ...]) -> asyncio.Future:
+    def _enqueue(self, writes: tuple[Write, ...], submitted: bool) -> asyncio.Future:
         future = asyncio.get_running_loop().create_future()
-        self._queue.append((list(writes), future))
+        self._queue.append((list(writes), future, submitted))
         return future
 
     def _start(self) -> None:
@@ -93,46 +92,50 @@ class Journal:
         while self._queue:
             batch, self._queue = self._queue[:size], self._queue[size:]
             size = min(self.max_batch, 2 * size)
-            flat = [w for writes, _ in batch for w in writes]
+            flat = [w for writes, _, _ in batch for w in writes]
             try:
                 results = await asyncio.to_thread(self.write_batch, flat)
             except Exception:
                 # One bad write must not fail the others' (and with the database away each hears so itself).
                 kept = []
-                for writes, future in batch:
+                for entry in batch:
+                    writes, future, submitted = entry
                     try:
                         result = await asyncio.to_thread(self.write_batch, writes)
                     except Exception as exc:
-                        if self._keep(future, exc):
-                            kept.append((writes, future))
+                        if submitted and self._keep(future, exc):
+                            kept.append(entry)
                         else:
+                            self._give_up_at.pop(future, None)
                             _settle(future, exc=exc)
                     else:
+                        self._give_up_at.pop(future, None)
                         _settle(future, result)
                 if kept:
                     # A submitted write has nobody to tell: a call's answer, a charger's, a session marked
                     # limited again. Lost, the event log could not show what eDRV did. It goes first again,
                     # ahead of anything queued since, so that rows keep their order, once the database is back.
                     log.warning("the event log is unavailable: %d write(s) kept, next attempt in %.1f s",
-                                sum(len(w) for w, _ in kept), wait)
+                                sum(len(w) for w, _, _ in kept), wait)
                     self._queue[:0] = kept
                     await asyncio.sleep(wait)
                     wait = min(RETRY_S[1], 2 * wait)
                 continue
             wait = RETRY_S[0]
             i = 0
-            for writes, future in batch:
+            for writes, future, _ in batch:
                 _settle(future, results[i:i + len(writes)])
                 i += len(writes)
+            if self._give_up_at:  # kept writes that got through at last
+                for _, future, _ in batch:
+                    self._give_up_at.pop(future, None)
 
     def _keep(self, future: asyncio.Future, exc: Exception) -> bool:
-        """Whether to try a failed write again: a submitted one, while the database is away, for KEEP_S."""
-        if future not in self._kept or future.done() or not _database_away(exc):
+        """Whether to try a failed submitted write again: while the database is away, for KEEP_S."""
+        if future.done() or not _database_away(exc):
             return False
-        loop = asyncio.get_running_loop()
-        if self._kept[future] == float("inf"):
-            self._kept[future] = loop.time() + KEEP_S
-        return loop.time() < self._kept[future]
+        now = asyncio.get_running_loop().time()
+        return now < self._give_up_at.setdefault(future, now + KEEP_S)
 
     async def flush(self) -> None:
         """Commit everything queued, and wait until it is committed (or has failed)."""
