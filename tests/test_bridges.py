@@ -114,6 +114,23 @@ def bridge_config(rig: Rig, name: str, resources: list[str], shared: bool = Fals
     return d
 
 
+async def sharing_bridges(rig: Rig) -> tuple[Bridge, Bridge]:
+    """Bridges utility-a and utility-b, both with SHARED marked shared and one station of their own, started
+    and registered with the VTN."""
+    a, b = (Bridge(config_from_dict(bridge_config(rig, f"utility-{x}", ["SHARED", f"ONLY-{x.upper()}"],
+                                                  shared=True), source=x), API_KEY, vtn_backoff_s=0.2, http=False)
+            for x in "ab")
+    await a.start()
+    await b.start()
+    try:
+        await wait_for(lambda: a.ven.registered and b.ven.registered, 20)
+    except BaseException:
+        await a.stop()
+        await b.stop()
+        raise
+    return a, b
+
+
 def soon(seconds: float) -> datetime:
     return datetime.now(timezone.utc).replace(microsecond=0) + timedelta(seconds=seconds)
 
@@ -144,14 +161,8 @@ async def test_a_second_bridge_configuring_a_taken_station_is_refused_with_exit_
 
 
 async def test_a_shared_station_holds_the_strictest_wish_and_is_restored_when_both_events_end(rig):
-    a = Bridge(config_from_dict(bridge_config(rig, "utility-a", ["SHARED", "ONLY-A"], shared=True), source="a"),
-               API_KEY, vtn_backoff_s=0.2, http=False)
-    b = Bridge(config_from_dict(bridge_config(rig, "utility-b", ["SHARED", "ONLY-B"], shared=True), source="b"),
-               API_KEY, vtn_backoff_s=0.2, http=False)
-    await a.start()
-    await b.start()
+    a, b = await sharing_bridges(rig)
     try:
-        await wait_for(lambda: a.ven.registered and b.ven.registered, 20)
         assert a.ven.ven_id != b.ven.ven_id
         start = soon(3)
         # Utility B asks for level 1 (24 A) for 9 s; utility A for level 2 (16 A) for the first 4 s.
@@ -194,14 +205,8 @@ async def test_releasing_one_bridge_hands_a_shared_session_to_the_other_bridges_
     """release-all (and --restore-on-exit) on bridge A must not clear a shared station that bridge B still
     wants limited: B believes eDRV holds its limit and would never send it again, so its event would run
     unlimited. A sends B's share instead, withdraws its own wish, and restores once B's wish has lapsed."""
-    cfg_a = config_from_dict(bridge_config(rig, "utility-a", ["SHARED", "ONLY-A"], shared=True), source="a")
-    a = Bridge(cfg_a, API_KEY, vtn_backoff_s=0.2, http=False)
-    b = Bridge(config_from_dict(bridge_config(rig, "utility-b", ["SHARED", "ONLY-B"], shared=True), source="b"),
-               API_KEY, vtn_backoff_s=0.2, http=False)
-    await a.start()
-    await b.start()
+    a, b = await sharing_bridges(rig)
     try:
-        await wait_for(lambda: a.ven.registered and b.ven.registered, 20)
         start = soon(3)
         ev_b = rig.vtn.add_event(b.ven.ven_id, intervals=[(start, timedelta(seconds=12), 1)],  # 24 A
                                  targets=[{"resource_id": "SHARED"}])
@@ -213,7 +218,7 @@ async def test_releasing_one_bridge_hands_a_shared_session_to_the_other_bridges_
         before = len(rig.sim.limit_calls())
 
         console = Console(record=True, width=200)
-        left = await release_all(cfg_a, API_KEY, console)
+        left = await release_all(a.cfg, API_KEY, console)
         assert left == [session]
         calls = [(k, body.get("limit")) for sid, k, body in rig.sim.limit_calls()[before:] if sid == session]
         assert calls == [("set_power_limit", 24)], calls  # B's wish, in current as the station is limited in
@@ -225,7 +230,7 @@ async def test_releasing_one_bridge_hands_a_shared_session_to_the_other_bridges_
 
         # B's event ends: B restores the session itself; once B's wish has lapsed A's release restores too.
         await wait_for(lambda: rig.sim.session_limit(session) is None, 25)
-        assert await release_all(cfg_a, API_KEY, Console(record=True)) == []
+        assert await release_all(a.cfg, API_KEY, Console(record=True)) == []
         assert not a.store.get_session_state(session).limited
     finally:
         await b.stop()

@@ -52,6 +52,15 @@ def cli(rig: Rig, tmp_path, *args: str):
     return CliRunner().invoke(app, [*args, "--config", str(config)])
 
 
+async def limited_then_offline(rig: Rig, bridge: Bridge) -> str:
+    """An event limiting A and B, then A offline and reported to the VTN as an outage; the event's id."""
+    event_id = rig.vtn.add_event(bridge.ven.ven_id, intervals=[(soon(2), timedelta(seconds=60), 2)])
+    await wait_for(lambda: calls(rig, "A") and calls(rig, "B"), 15)
+    rig.sim.set_online(rig.station_ids["A"], False)
+    await wait_for(lambda: opts_for(rig, "A"), 10)
+    return event_id
+
+
 # --- opt-outs ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("rig", [{"stations": [StationSpec("A", refuse="http"), StationSpec("B")],
                                   "edrv": {"limit_retries": 1}}], indirect=True)
@@ -72,10 +81,7 @@ async def test_a_station_that_refuses_its_limit_is_reported_once_and_not_limited
 
 @pytest.mark.parametrize("rig", [{"webhooks": True}], indirect=True)
 async def test_a_station_that_goes_offline_mid_event_is_reported_as_an_outage(rig, bridge):
-    event_id = rig.vtn.add_event(bridge.ven.ven_id, intervals=[(soon(2), timedelta(seconds=60), 2)])
-    await wait_for(lambda: calls(rig, "A") and calls(rig, "B"), 15)
-    rig.sim.set_online(rig.station_ids["A"], False)
-    await wait_for(lambda: opts_for(rig, "A"), 10)
+    event_id = await limited_then_offline(rig, bridge)
     (opt,) = rig.vtn.opts
     assert (opt["event_id"], opt["opt_type"], opt["opt_reason"]) == (event_id, "optOut", "outageRunStatus")
     assert opts_for(rig, "B") == []
@@ -117,10 +123,7 @@ async def test_a_station_back_online_keeps_the_operators_opt_out(rig, bridge, tm
 async def test_a_station_offline_across_a_restart_is_limited_again_when_it_is_back(rig, tmp_path):
     first = await started(rig)
     try:
-        event_id = rig.vtn.add_event(first.ven.ven_id, intervals=[(soon(2), timedelta(seconds=60), 2)])
-        await wait_for(lambda: calls(rig, "A") and calls(rig, "B"), 15)
-        rig.sim.set_online(rig.station_ids["A"], False)
-        await wait_for(lambda: opts_for(rig, "A"), 10)
+        event_id = await limited_then_offline(rig, first)
     finally:
         await first.stop()
     again = await started(rig)
@@ -138,10 +141,7 @@ async def test_a_station_offline_across_a_restart_is_limited_again_when_it_is_ba
 async def test_an_operator_opt_out_given_while_the_station_is_offline_stands_when_it_is_back(rig, bridge, tmp_path):
     """The bridge's own outage opt-out must neither swallow the operator's (the command answered "already
     opted out" and recorded nothing) nor take it away when the station returns (it was limited again)."""
-    event_id = rig.vtn.add_event(bridge.ven.ven_id, intervals=[(soon(2), timedelta(seconds=60), 2)])
-    await wait_for(lambda: calls(rig, "A") and calls(rig, "B"), 15)
-    rig.sim.set_online(rig.station_ids["A"], False)
-    await wait_for(lambda: opts_for(rig, "A"), 10)
+    event_id = await limited_then_offline(rig, bridge)
     result = cli(rig, tmp_path, "opt-out", event_id, "--resource", "A")
     assert result.exit_code == 0 and "opt-out recorded" in result.output, result.output
     await wait_for(lambda: [o["opt_reason"] for o in opts_for(rig, "A")] == ["outageRunStatus", "overrideStatus"], 10)
@@ -159,10 +159,7 @@ async def test_an_operator_opt_out_given_while_the_station_is_offline_stands_whe
 async def test_a_station_back_online_is_still_limited_after_a_restart(rig, tmp_path):
     first = await started(rig)
     try:
-        event_id = rig.vtn.add_event(first.ven.ven_id, intervals=[(soon(2), timedelta(seconds=60), 2)])
-        await wait_for(lambda: calls(rig, "A") and calls(rig, "B"), 15)
-        rig.sim.set_online(rig.station_ids["A"], False)
-        await wait_for(lambda: opts_for(rig, "A"), 10)
+        event_id = await limited_then_offline(rig, first)
         before = len(calls(rig, "A"))
         rig.sim.set_online(rig.station_ids["A"], True)
         await wait_for(lambda: LIMIT_16 in calls(rig, "A")[before:], 10)
