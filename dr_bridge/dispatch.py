@@ -4,6 +4,11 @@ The engine says what a session's limit should be (a Limit, or "restored"); one w
 eDRV match it with at most one call in flight. A newer desired state supersedes a queued retry, so a
 retry waiting out a Retry-After can never land after a restore. Every call is an action row, updated in
 place as its outcome arrives; transport retries count as attempts on the same row.
+
+Ahead of an interval start the engine may arm limits (arm()): each session's durable state and action row
+are written then, while the bridge is idle, and nothing is sent. A pass at the interval start that wants
+the very same limit takes the armed row and sends at once; anything else lets the arming lapse, and its
+row reads "skipped". An armed limit is never sent on its own.
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ from dr_bridge.domain import Limit, Station
 from dr_bridge.edrv.errors import (EdrvError, EdrvNotFound, EdrvRateLimited, EdrvRejected)
 from dr_bridge.journal import Journal
 from dr_bridge.policy import restore_plan
-from dr_bridge.store import Store
+from dr_bridge.store import Store, utcnow
 
 log = logging.getLogger("dr_bridge.dispatch")
 
@@ -49,6 +54,16 @@ class _Slot:
     rejections: int = 0  # rejected limit calls for the current desired limit
     clear_refused: bool = False  # this session's station refused a clear: restore with set max instead
     since: float = 0.0  # monotonic time the desired state last changed
+    armed: tuple[Desired, int] | None = None  # an armed limit taken up, and its action row (not yet sent)
+
+
+@dataclass
+class _Armed:
+    """A limit recorded ahead of its interval start and not sent (see arm())."""
+    station: Station
+    desired: Desired
+    action_id: int | None = None  # once its rows are committed
+    lapsed: str | None = None  # why it will not be sent, once that is decided
 
 
 NonCompliant = Callable[[str, Station, str | None, str], Awaitable[None]]
@@ -71,10 +86,15 @@ class Dispatcher:
         self.backoff_max_s = backoff_max_s
         self.on_noncompliant = on_noncompliant
         self._slots: dict[str, _Slot] = {}
+        self._armed: dict[str, _Armed] = {}
+        self._arming: set[asyncio.Task] = set()
 
     # --- the engine's side ---------------------------------------------------------------------------
     def known(self, session_id: str) -> bool:
         return session_id in self._slots
+
+    def is_armed(self, session_id: str) -> bool:
+        return session_id in self._armed
 
     def holds_limit(self, session_id: str) -> bool:
         slot = self._slots.get(session_id)
@@ -116,10 +136,84 @@ class Dispatcher:
         slot = self._slot(session_id, station)
         slot.desired, slot.applied = desired, None
 
+    def arm(self, limits: list[tuple[str, Station, Desired]], lapse_in_s: float) -> int:
+        """Record these limits now, to be sent the moment a pass wants them (want() with an equal Desired):
+        at an interval start the calls then go out without waiting for the event log, and the commits no
+        longer share the CPU with them. Only sessions the dispatcher has never handled, whose limit eDRV
+        cannot hold yet; the rest are left to the pass. Those not taken up within lapse_in_s lapse.
+        Returns how many were armed."""
+        fresh = [(sid, st, d) for sid, st, d in limits if d.kind == "limit" and not d.dry and not self.dry_only
+                 and sid not in self._slots and sid not in self._armed]
+        entries = []
+        for session_id, station, desired in fresh:
+            entry = self._armed[session_id] = _Armed(station, desired)
+            entries.append((session_id, entry))
+            task = asyncio.create_task(self._record_armed(session_id, entry), name=f"arm-{session_id}")
+            self._arming.add(task)
+            task.add_done_callback(self._arming.discard)
+        if entries:
+            asyncio.get_running_loop().call_later(lapse_in_s, self._lapse_all, entries,
+                                                  "not wanted at its interval start")
+        return len(entries)
+
+    async def _record_armed(self, session_id: str, entry: _Armed) -> None:
+        want = entry.desired
+        try:
+            entry.action_id = await self._record(session_id, entry.station, want, "set_power_limit", "limit",
+                                                 want.limit, state=self._limited_state(entry.station, want))
+        except Exception:  # the event log is away: nothing is armed, and the pass sends the usual way
+            log.warning("could not record the armed limit of session %s", session_id, exc_info=True)
+            if self._armed.get(session_id) is entry:
+                del self._armed[session_id]
+            return
+        if entry.lapsed is not None:  # it lapsed while its rows were being written
+            self._unrecord(session_id, entry)
+
+    def disarm(self, reason: str) -> int:
+        """Let every armed limit lapse (an event changed, the bridge stops): the pass sends what is wanted."""
+        return self._lapse_all(list(self._armed.items()), reason)
+
+    async def disarmed(self) -> None:
+        """Wait until every lapsed limit's rows say so in the event log."""
+        if self._arming:
+            await asyncio.gather(*self._arming, return_exceptions=True)
+        await self.journal.flush()
+
+    def _lapse_all(self, entries: list[tuple[str, _Armed]], reason: str) -> int:
+        lapsed = 0
+        for session_id, entry in entries:
+            if self._armed.get(session_id) is entry:  # not taken up, let go, or armed again since
+                self._lapse(session_id, entry, reason)
+                lapsed += 1
+        if lapsed:
+            log.info("%d armed limit(s) lapsed unsent: %s", lapsed, reason)
+        return lapsed
+
+    def _lapse(self, session_id: str, entry: _Armed, reason: str) -> None:
+        del self._armed[session_id]
+        entry.lapsed = reason
+        if entry.action_id is not None:  # otherwise _record_armed does this once its rows are in
+            self._unrecord(session_id, entry)
+
+    def _unrecord(self, session_id: str, entry: _Armed) -> None:
+        """The armed row reads skipped; and unless a newer desired state owns the session's durable state
+        by now (written after this, in the journal's order), the session is not limited: eDRV never got it."""
+        writes = [("update_action", entry.action_id, dict(status="skipped", detail=f"armed, not sent: {entry.lapsed}"))]
+        if session_id not in self._slots:
+            writes.insert(0, ("state", session_id, {"limited": False}))
+        self.journal.submit(*writes)
+
     def want(self, session_id: str, station: Station, desired: Desired) -> None:
         if desired.dry != self.dry_only:
             raise ValueError(f"a {'dry' if desired.dry else 'real'} desired state for session {session_id} "
                              f"handed to the {'dry' if self.dry_only else 'real'} dispatcher")
+        armed = self._armed.get(session_id)
+        if armed is not None:
+            if armed.desired == desired and armed.action_id is not None:
+                del self._armed[session_id]
+                self._slot(session_id, station).armed = (desired, armed.action_id)
+            else:
+                self._lapse(session_id, armed, "superseded before it was sent")
         slot = self._slot(session_id, station)
         if slot.ended:
             return
@@ -205,6 +299,9 @@ class Dispatcher:
         return len(done)
 
     def session_ended(self, session_id: str) -> None:
+        armed = self._armed.get(session_id)
+        if armed is not None:
+            self._lapse(session_id, armed, "the session ended")
         slot = self._slots.get(session_id)
         if slot is not None:
             slot.ended = True
@@ -228,6 +325,8 @@ class Dispatcher:
         return not pending
 
     async def stop(self) -> None:
+        self.disarm("the bridge stopped")
+        await self.disarmed()
         tasks = [s.worker for s in self._slots.values() if s.worker is not None and not s.worker.done()]
         for t in tasks:
             t.cancel()
@@ -248,18 +347,32 @@ class Dispatcher:
             while not slot.ended and slot.desired is not None and slot.applied != slot.desired.key:
                 slot.changed.clear()
                 want = slot.desired
+                armed_id = self._take_armed(slot, want)
                 if want.dry:
-                    await self._record(session_id, slot, want, *self._plan(slot, want), status="dry_run",
+                    await self._record(session_id, slot.station, want, *self._plan(slot, want), status="dry_run",
                                        detail="dry run: not sent")
                     slot.applied = want.key
                 elif want.kind == "limit":
-                    await self._apply_limit(session_id, slot, want)
+                    await self._apply_limit(session_id, slot, want, armed_id)
                 else:
                     await self._apply_restore(session_id, slot, want)
         except asyncio.CancelledError:
             raise
         except Exception:  # a bug here must not kill dispatch for the other sessions
             log.exception("dispatch for session %s failed", session_id)
+        finally:
+            self._take_armed(slot, None)  # taken up, then not sent after all (the session ended first)
+
+    def _take_armed(self, slot: _Slot, want: Desired | None) -> int | None:
+        """The armed row taken up for this limit, if it is the one wanted; otherwise it reads skipped."""
+        armed, slot.armed = slot.armed, None
+        if armed is None:
+            return None
+        if armed[0] == want:
+            return armed[1]
+        self.journal.submit(("update_action", armed[1], dict(status="skipped",
+                                                             detail="armed, not sent: superseded before it was sent")))
+        return None
 
     def _plan(self, slot: _Slot, want: Desired) -> tuple[str, str, Limit | None]:
         if want.kind == "limit":
@@ -269,29 +382,41 @@ class Dispatcher:
             how, limit = "set", Limit("current", slot.station.max_current)
         return ("clear_power_limit" if how == "clear" else "set_power_limit"), "restore", limit
 
-    async def _record(self, session_id: str, slot: _Slot, want: Desired, kind: str, purpose: str,
+    async def _record(self, session_id: str, station: Station, want: Desired, kind: str, purpose: str,
                       limit: Limit | None, status: str = "planned", detail: str = "",
                       state: dict | None = None) -> int:
         """The action row (and with `state`, the session's durable state first), committed before the call;
         its id."""
-        row = dict(event_id=want.event_id, session_id=session_id, chargestation_id=slot.station.id,
-                   resource_id=slot.station.resource_id, kind=kind, purpose=purpose,
+        row = dict(event_id=want.event_id, session_id=session_id, chargestation_id=station.id,
+                   resource_id=station.resource_id, kind=kind, purpose=purpose,
                    unit=limit.unit if limit else None, limit=limit.value if limit else None, status=status,
                    detail=detail)
         writes = ([("state", session_id, state)] if state else []) + [("add_action", row, {})]
         return (await self.journal.write(*writes))[-1]
 
-    async def _update(self, action_id: int, **changes) -> None:
-        await self.journal.write(("update_action", action_id, changes))
+    async def _update(self, action_id: int, pending: dict, **changes) -> None:
+        """Write these changes, and those pending for the row (then no longer pending)."""
+        merged = {**pending, **changes}
+        pending.clear()
+        await self.journal.write(("update_action", action_id, merged))
 
-    async def _apply_limit(self, session_id: str, slot: _Slot, want: Desired) -> None:
-        # Persist before acting: a crash after the POST must still find this session to restore.
-        state = dict(chargestation_id=slot.station.id, resource_id=slot.station.resource_id, event_id=want.event_id,
-                     limited=True, ended=False, unit=want.limit.unit, limit=want.limit.value)
-        action_id = await self._record(session_id, slot, want, "set_power_limit", "limit", want.limit, state=state)
+    @staticmethod
+    def _limited_state(station: Station, want: Desired) -> dict:
+        return dict(chargestation_id=station.id, resource_id=station.resource_id, event_id=want.event_id,
+                    limited=True, ended=False, unit=want.limit.unit, limit=want.limit.value)
+
+    async def _apply_limit(self, session_id: str, slot: _Slot, want: Desired, armed_id: int | None) -> None:
+        if armed_id is not None:
+            # Recorded ahead (arm()), the session's state included; the row's time becomes the call's.
+            action_id, first = armed_id, {"at": utcnow()}
+        else:
+            # Persist before acting: a crash after the POST must still find this session to restore.
+            action_id = await self._record(session_id, slot.station, want, "set_power_limit", "limit", want.limit,
+                                           state=self._limited_state(slot.station, want))
+            first = {}
         outcome = await self._call(session_id, slot, want, action_id,
                                    lambda: self.client.set_power_limit(session_id, want.limit.unit, want.limit.value,
-                                                                       max_retries=0))
+                                                                       max_retries=0), first)
         if outcome == "ok":
             slot.applied = want.key
         elif outcome in ("rejected", "failed"):
@@ -309,7 +434,7 @@ class Dispatcher:
         failures = 0
         while not slot.ended and slot.desired is want:
             if kind == "clear_power_limit":
-                action_id = await self._record(session_id, slot, want, kind, "restore", None)
+                action_id = await self._record(session_id, slot.station, want, kind, "restore", None)
                 outcome = await self._call(session_id, slot, want, action_id,
                                            lambda: self.client.clear_power_limit(session_id, max_retries=0))
                 if outcome == "rejected":
@@ -318,7 +443,7 @@ class Dispatcher:
                     kind, limit = "set_power_limit", Limit("current", slot.station.max_current)
                     continue
             else:
-                action_id = await self._record(session_id, slot, want, kind, "restore", limit)
+                action_id = await self._record(session_id, slot.station, want, kind, "restore", limit)
                 outcome = await self._call(session_id, slot, want, action_id,
                                            lambda: self.client.set_power_limit(session_id, limit.unit, limit.value,
                                                                                max_retries=0))
@@ -334,12 +459,15 @@ class Dispatcher:
                 return
             await self._wait(slot, self._backoff(failures))
 
-    async def _call(self, session_id: str, slot: _Slot, want: Desired, action_id: int, send) -> str:
-        """One call with its own transport retries; returns ok | rejected | failed | superseded | ended."""
+    async def _call(self, session_id: str, slot: _Slot, want: Desired, action_id: int, send,
+                    first: dict | None = None) -> str:
+        """One call with its own transport retries; returns ok | rejected | failed | superseded | ended.
+        `first`: changes to the row that go with its first update, whichever it is."""
         attempts = 0
+        pending = dict(first or {})
         while True:
             if slot.desired is not want or slot.ended:
-                await self._update(action_id, status="skipped", attempts=attempts,
+                await self._update(action_id, pending, status="skipped", attempts=attempts,
                                    detail="superseded" if not slot.ended else "session ended")
                 return "ended" if slot.ended else "superseded"
             attempts += 1
@@ -347,15 +475,17 @@ class Dispatcher:
                 action = await send()
             except EdrvRateLimited as exc:
                 delay = exc.retry_after if exc.retry_after is not None else self._backoff(attempts)
-                await self._update(action_id, attempts=attempts, detail=f"rate limited; retry in {delay:.1f}s")
+                await self._update(action_id, pending, attempts=attempts,
+                                   detail=f"rate limited; retry in {delay:.1f}s")
                 await self._wait(slot, delay)
                 continue
             except EdrvNotFound:
-                await self._update(action_id, status="skipped", attempts=attempts, detail="session not found")
+                await self._update(action_id, pending, status="skipped", attempts=attempts,
+                                   detail="session not found")
                 self.session_ended(session_id)
                 return "ended"
             except EdrvRejected as exc:
-                await self._update(action_id, status="rejected", attempts=attempts, detail=exc.message[:500])
+                await self._update(action_id, pending, status="rejected", attempts=attempts, detail=exc.message[:500])
                 if await self.session_gone(session_id):
                     return "ended"
                 return "rejected"
@@ -364,15 +494,15 @@ class Dispatcher:
                 # eDRV holds is unknown now, so whatever is wanted next is sent, a restore included.
                 slot.applied = None
                 if attempts >= 5:
-                    await self._update(action_id, status="failed", attempts=attempts, detail=str(exc)[:500])
+                    await self._update(action_id, pending, status="failed", attempts=attempts, detail=str(exc)[:500])
                     return "failed"
-                await self._update(action_id, attempts=attempts, detail=f"{exc}; retrying"[:500])
+                await self._update(action_id, pending, attempts=attempts, detail=f"{exc}; retrying"[:500])
                 await self._wait(slot, self._backoff(attempts))
                 continue
             # Not awaited (it shares a later commit): nothing waits on it, a restart re-sends what a limited
             # session should hold whatever its action row says, and an outcome webhook that comes first is
             # looked up again shortly (Engine._action_outcome).
-            self.journal.submit(("update_action", action_id, dict(status="requested", attempts=attempts,
+            self.journal.submit(("update_action", action_id, dict(pending, status="requested", attempts=attempts,
                                                                   edrv_action_id=action.id, detail="")))
             return "ok"
 

@@ -42,6 +42,7 @@ RETRY_RECOMPUTE_S = 1.0
 # Running sessions are listed this long before an interval starts or ends, so the pass at the boundary
 # sends its limits at once instead of after a fleet-wide listing (ten pages at 10,000 sessions).
 PREFETCH_S = 5.0
+ARM_LAPSE_S = 10.0  # how long after its interval start a limit armed for it waits to be taken up
 FOLLOW_UP_S = 5.0  # the longest the fresh listing after such a boundary waits for its limits to go out
 RESOLVE_WAIT_S = 1.0  # the longest a pass waits for eDRV to say what kind a station is (see Fleet.resolve_all)
 SHARE_RECHECK_S = 1.0  # after this bridge's wish for a shared station changed, it looks at the others' again
@@ -162,6 +163,9 @@ class Engine:
         """Restore every session this bridge limits, except on a shared station another bridge still wants
         limited: there the session gets that bridge's share instead, since the other bridge believes eDRV
         still holds its limit and would not send it again. Returns those sessions and whose wish they hold."""
+        # Limits recorded ahead of an interval and never sent need no restore.
+        self.dispatcher.disarm("every limit is being released")
+        await self.dispatcher.disarmed()
         # This bridge no longer wants any shared station limited: the others stop holding them on its behalf.
         self.store.set_shared_limits({})
         self._wished = {}
@@ -379,6 +383,9 @@ class Engine:
         if not self.scheduler.running:
             return
         prefix = f"{live.event.event_id}@"
+        # The limits armed for a coming interval start assumed the events as they were: the pass at the
+        # boundary sends what is wanted then, the usual way.
+        self.dispatcher.disarm(f"event {live.event.event_id} changed")
         for job in self.scheduler.get_jobs():
             if job.id.startswith(prefix):
                 job.remove()
@@ -492,6 +499,40 @@ class Engine:
         await self.fleet.resolve_all(station_ids)
         if await self._refresh_sessions(station_ids):
             self._ahead.add(boundary)
+            self._arm(boundary)
+
+    def _arm(self, boundary: datetime) -> None:
+        """Record now the limits the pass at the boundary will send to sessions not limited yet (an event's
+        start, mostly), so that their calls go out at once then (Dispatcher.arm). Planned as that pass
+        plans them, on the same listing; left to the pass when a cap or a station shared with another bridge
+        is involved, since those depend on more than this listing."""
+        budgets: dict[str, list[tuple[Limit | None, tuple[str, bool]]]] = {}
+        for live in self.events.values():
+            if not live.acting or live.dry or schedule.status_at(
+                    live.event, boundary, live.offset_s, self.cfg.bridge.max_event_hours) != ACTIVE:
+                continue
+            targeted = [self.fleet.stations[sid] for sid in sorted(live.station_ids - self._offline)
+                        if self.fleet.stations[sid].resource_id not in live.opted_out]
+            for iv in schedule.active_intervals(live.event, boundary, live.offset_s, self.cfg.bridge.max_event_hours):
+                if is_cap_signal(iv.signal_name, iv.signal_type):
+                    return
+                try:
+                    limits = station_limits(iv, targeted, self.settings)
+                except UnsupportedSignal:
+                    continue
+                for sid, limit in limits.items():
+                    budgets.setdefault(sid, []).append((limit, (live.event.event_id, False)))
+        scope = [sid for sid in budgets if not self.fleet.stations[sid].shared]
+        stations = {sid: self.fleet.stations[sid] for sid in scope}
+        sessions = {sid: self.fleet.running.get(sid, []) for sid in scope}
+        plan = session_limits({sid: budgets[sid] for sid in scope}, [], stations, sessions, self.settings,
+                              self._cap_weights(sessions))
+        station_of = {x: stations[sid] for sid, ids in sessions.items() for x in ids}
+        armed = self.dispatcher.arm([(x, station_of[x], Desired("limit", limit, owner[0]))
+                                     for x, (limit, owner) in plan.items() if limit is not None],
+                                    (boundary - self.clock()).total_seconds() + ARM_LAPSE_S)
+        if armed:
+            log.info("%d limit(s) recorded ahead of %s, to be sent then", armed, iso(boundary))
 
     def _share(self, plan, budgets, caps, stations, sessions, shared: list[str], now: datetime):
         """Stations shared with other bridges: publish this bridge's own wish, then hold them no looser than
@@ -755,7 +796,7 @@ class Engine:
         if self.fleet.ended(station_id, session.id):
             self.kick_stations({station_id})  # the remaining sessions get a bigger share
         for dispatcher in (self.dispatcher, self.dry_dispatcher):
-            if dispatcher.known(session.id):
+            if dispatcher.known(session.id) or dispatcher.is_armed(session.id):
                 dispatcher.session_ended(session.id)
 
     async def _station_link(self, station_id: str, online: bool) -> None:
@@ -894,6 +935,7 @@ class Engine:
                     if live.status in (PENDING, ACTIVE):
                         self._skip_unavailable(live, [row])
             self.store.update_opt_out(row.id, applied=True)
+            self.dispatcher.disarm("the operator opted out")  # armed limits assumed no such opt-out
             self.kick()
 
     def _skip_unavailable(self, live: LiveEvent, windows: list[OptOutRow]) -> None:
