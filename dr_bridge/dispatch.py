@@ -88,6 +88,7 @@ class Dispatcher:
         self._slots: dict[str, _Slot] = {}
         self._armed: dict[str, _Armed] = {}
         self._arming: set[asyncio.Task] = set()
+        self._arm_failed = False  # an arming's rows could not be written: said once
 
     # --- the engine's side ---------------------------------------------------------------------------
     def known(self, session_id: str) -> bool:
@@ -145,6 +146,7 @@ class Dispatcher:
         fresh = [(sid, st, d) for sid, st, d in limits if d.kind == "limit" and not d.dry and not self.dry_only
                  and sid not in self._slots and sid not in self._armed]
         entries = []
+        self._arm_failed = False
         for session_id, station, desired in fresh:
             entry = self._armed[session_id] = _Armed(station, desired)
             entries.append((session_id, entry))
@@ -161,8 +163,11 @@ class Dispatcher:
         try:
             entry.action_id = await self._record(session_id, entry.station, want, "set_power_limit", "limit",
                                                  want.limit, state=self._limited_state(entry.station, want))
-        except Exception:  # the event log is away: nothing is armed, and the pass sends the usual way
-            log.warning("could not record the armed limit of session %s", session_id, exc_info=True)
+        except Exception as exc:  # the event log is away: nothing is armed, and the pass sends the usual way
+            if not self._arm_failed:  # once per arming, not once per session
+                self._arm_failed = True
+                log.warning("could not record the limits armed ahead (%s); they go the usual way at the start",
+                            str(exc).splitlines()[0][:200])
             if self._armed.get(session_id) is entry:
                 del self._armed[session_id]
             return
@@ -213,7 +218,8 @@ class Dispatcher:
                 del self._armed[session_id]
                 self._slot(session_id, station).armed = (desired, armed.action_id)
             else:
-                self._lapse(session_id, armed, "superseded before it was sent")
+                self._lapse(session_id, armed, "superseded before it was sent" if armed.desired != desired
+                            else "its rows were not written by its interval start")
         slot = self._slot(session_id, station)
         if slot.ended:
             return
