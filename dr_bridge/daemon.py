@@ -24,8 +24,8 @@ log = logging.getLogger("dr_bridge")
 # full collection walked every object alive; bench/ measures both (the "default GC" row).
 GC_YOUNG_THRESHOLD = 10_000
 # And the middle generation after 100 of those rather than 10. Each of its collections walks everything
-# alive that is younger than the start-up objects: at an interval start with 10,000 sessions, that is every
-# session's dispatch task, and four such collections took 80-160 ms of a 2.4 s dispatch (gc.callbacks).
+# alive that is younger than the start-up objects: at an interval start with 10,000 sessions, every
+# session's dispatch task; four such collections took 80-164 ms of a 2.4-3.5 s dispatch (gc.callbacks).
 GC_MIDDLE_THRESHOLD = 100
 LOCK_WAIT_S = 5.0  # a bridge restarted right after a kill waits this long for the old lock to be dropped
 LOCK_CHECK_S = 5.0
