@@ -201,8 +201,8 @@ class Dispatcher:
             self._unrecord(session_id, entry)
 
     def _unrecord(self, session_id: str, entry: _Armed) -> None:
-        """The armed row reads skipped; and unless a newer desired state owns the session's durable state
-        by now (written after this, in the journal's order), the session is not limited: eDRV never got it."""
+        """The armed row reads skipped; and unless a desired state owns the session's durable state by now
+        (a slot: want() makes it before the lapse), the session is not limited: eDRV never got this."""
         writes = [("update_action", entry.action_id, dict(status="skipped", detail=f"armed, not sent: {entry.lapsed}"))]
         if session_id not in self._slots:
             writes.insert(0, ("state", session_id, {"limited": False}))
@@ -212,15 +212,17 @@ class Dispatcher:
         if desired.dry != self.dry_only:
             raise ValueError(f"a {'dry' if desired.dry else 'real'} desired state for session {session_id} "
                              f"handed to the {'dry' if self.dry_only else 'real'} dispatcher")
+        # The slot first: an armed limit that lapses here leaves the session's durable state to this desired
+        # state (a restore sent again must not find the session marked unlimited behind its back).
+        slot = self._slot(session_id, station)
         armed = self._armed.get(session_id)
         if armed is not None:
             if armed.desired == desired and armed.action_id is not None:
                 del self._armed[session_id]
-                self._slot(session_id, station).armed = (desired, armed.action_id)
+                slot.armed = (desired, armed.action_id)
             else:
                 self._lapse(session_id, armed, "superseded before it was sent" if armed.desired != desired
                             else "its rows were not written by its interval start")
-        slot = self._slot(session_id, station)
         if slot.ended:
             return
         if slot.desired != desired:
@@ -353,7 +355,7 @@ class Dispatcher:
             while not slot.ended and slot.desired is not None and slot.applied != slot.desired.key:
                 slot.changed.clear()
                 want = slot.desired
-                armed_id = self._take_armed(slot, want)
+                armed_id = self._take_armed(slot, want, "superseded before it was sent")
                 if want.dry:
                     await self._record(session_id, slot.station, want, *self._plan(slot, want), status="dry_run",
                                        detail="dry run: not sent")
@@ -366,18 +368,17 @@ class Dispatcher:
             raise
         except Exception:  # a bug here must not kill dispatch for the other sessions
             log.exception("dispatch for session %s failed", session_id)
-        finally:
-            self._take_armed(slot, None)  # taken up, then not sent after all (the session ended first)
+        finally:  # taken up, then not sent after all
+            self._take_armed(slot, None, "the session ended" if slot.ended else "dispatch stopped first")
 
-    def _take_armed(self, slot: _Slot, want: Desired | None) -> int | None:
+    def _take_armed(self, slot: _Slot, want: Desired | None, why: str) -> int | None:
         """The armed row taken up for this limit, if it is the one wanted; otherwise it reads skipped."""
         armed, slot.armed = slot.armed, None
         if armed is None:
             return None
         if armed[0] == want:
             return armed[1]
-        self.journal.submit(("update_action", armed[1], dict(status="skipped",
-                                                             detail="armed, not sent: superseded before it was sent")))
+        self.journal.submit(("update_action", armed[1], dict(status="skipped", detail=f"armed, not sent: {why}")))
         return None
 
     def _plan(self, slot: _Slot, want: Desired) -> tuple[str, str, Limit | None]:

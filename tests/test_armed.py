@@ -8,8 +8,13 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from dr_bridge.daemon import Bridge
+from dr_bridge.dispatch import Desired, Dispatcher
+from dr_bridge.domain import Limit
+from dr_bridge.edrv.client import EdrvClient
 from dr_bridge.engine import PREFETCH_S
+from dr_bridge.journal import Journal
 from dr_bridge.rig import API_KEY, Rig, StationSpec, wait_for
+from dr_bridge.store import Store
 
 
 def soon(seconds: float) -> datetime:
@@ -116,3 +121,29 @@ async def test_a_bridge_stopping_before_the_start_leaves_no_session_marked_limit
     assert {(a.status, a.detail) for a in bridge.store.actions(event_id)} == {
         ("skipped", "armed, not sent: the bridge stopped")}
     assert rig.sim.limit_calls() == []
+
+
+async def test_a_restore_sent_again_to_an_armed_session_keeps_it_marked_limited(rig, tmp_path):
+    """A restore from before a restart that the charger refused is sent again (Engine._restore_again: the
+    session is marked limited, then the restore is wanted). If that session was armed meanwhile, its lapse
+    must not mark it unlimited behind the restore's back: a restart would never lift the old limit."""
+    store = Store.open(f"sqlite:///{tmp_path / 'armed.db'}", bridge="t")
+    journal = Journal(store)
+    station = next(s for s in rig.config().stations() if s.resource_id == "A")
+    session = rig.sessions["A"][0]
+    rig.sim.faults.latency_s = 30.0  # the restore stays in flight while the event log is read
+    async with EdrvClient(rig.sim.base_url, API_KEY, max_retries=0) as client:
+        dispatcher = Dispatcher(client, store, journal=journal)
+        assert dispatcher.arm([(session, station, Desired("limit", Limit("current", 16), "E2"))], 60) == 1
+        await wait_for(lambda: [a.status for a in store.actions()] == ["planned"], 5)
+        journal.submit(("state", session, {"limited": True}))
+        dispatcher.want(session, station, Desired("restore", event_id="E1"))
+        await journal.flush()
+        await wait_for(lambda: any(a.purpose == "restore" for a in store.actions()), 5)  # the restore is on its way
+        await journal.flush()
+        assert store.get_session_state(session).limited
+        assert [(a.purpose, a.status, a.detail) for a in store.actions()][0] == (
+            "limit", "skipped", "armed, not sent: superseded before it was sent")
+        rig.sim.faults.latency_s = 0.0
+        await dispatcher.stop()
+    store.close()
