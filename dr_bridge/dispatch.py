@@ -23,7 +23,7 @@ from dr_bridge.domain import Limit, Station
 from dr_bridge.edrv.errors import (EdrvError, EdrvNotFound, EdrvRateLimited, EdrvRejected)
 from dr_bridge.journal import Journal
 from dr_bridge.policy import restore_plan
-from dr_bridge.store import Store, utcnow
+from dr_bridge.store import ARMED, Store, utcnow
 
 log = logging.getLogger("dr_bridge.dispatch")
 
@@ -162,7 +162,8 @@ class Dispatcher:
         want = entry.desired
         try:
             entry.action_id = await self._record(session_id, entry.station, want, "set_power_limit", "limit",
-                                                 want.limit, state=self._limited_state(entry.station, want))
+                                                 want.limit, detail=ARMED,
+                                                 state=self._limited_state(entry.station, want))
         except Exception as exc:  # the event log is away: nothing is armed, and the pass sends the usual way
             if not self._arm_failed:  # once per arming, not once per session
                 self._arm_failed = True

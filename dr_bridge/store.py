@@ -35,6 +35,9 @@ class UTCDateTime(TypeDecorator):
         return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
 
 
+ARMED = "armed: to be sent at its interval start"  # the detail of a call recorded ahead (Dispatcher.arm)
+
+
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -437,10 +440,16 @@ class Store:
 
     def fail_interrupted_actions(self) -> int:
         """Calls written before they were sent whose outcome the last run did not record (it stopped or was
-        killed meanwhile): marked failed, so no row stays 'planned'; the restart sends what is still wanted."""
+        killed meanwhile): marked failed, so no row stays 'planned'; the restart sends what is still wanted.
+        A call armed ahead of its interval start may never have been sent at all, and says so."""
         t = ActionRow.__table__
+        mine = (t.c.bridge == self.bridge, t.c.status == "planned")
         with self.engine.begin() as conn:
-            return conn.execute(t.update().where(t.c.bridge == self.bridge, t.c.status == "planned").values(
+            armed = conn.execute(t.update().where(*mine, t.c.detail == ARMED).values(
+                status="failed", detail="interrupted: the bridge stopped after this call was recorded ahead of "
+                "its interval start, before its outcome was recorded; it may never have been sent",
+                updated_at=utcnow())).rowcount
+            return armed + conn.execute(t.update().where(*mine).values(
                 status="failed", detail="interrupted: the bridge stopped before this call's outcome was recorded",
                 updated_at=utcnow())).rowcount
 

@@ -3,7 +3,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from dr_bridge.store import ActionRow, EventRow, IntervalRow, OptOutRow, Store, normalise_url
+from dr_bridge.store import ARMED, ActionRow, EventRow, IntervalRow, OptOutRow, Store, normalise_url
 
 T0 = datetime(2026, 11, 25, 12, 0, tzinfo=timezone.utc)
 
@@ -78,6 +78,20 @@ def test_actions_update_in_place_and_count_by_status(store):
     rows = store.actions(event_id="E1")
     assert len(rows) == 1 and rows[0].status == "accepted" and rows[0].attempts == 1
     assert store.action_counts() == {"accepted": 1}
+
+
+def test_calls_cut_short_by_a_stop_are_failed_at_the_next_start_and_one_armed_ahead_may_never_have_gone(store):
+    def row(session_id: str, status: str, detail: str = "") -> ActionRow:
+        return store.add_action(ActionRow(event_id="E1", session_id=session_id, chargestation_id="C1",
+                                          resource_id="R1", kind="set_power_limit", purpose="limit", unit="current",
+                                          limit=16, status=status, detail=detail))
+
+    row("SENT", "planned"), row("ARMED", "planned", ARMED), row("DONE", "requested")
+    assert store.fail_interrupted_actions() == 2
+    got = {a.session_id: (a.status, a.detail) for a in store.actions("E1")}
+    assert got["SENT"] == ("failed", "interrupted: the bridge stopped before this call's outcome was recorded")
+    assert got["ARMED"][0] == "failed" and got["ARMED"][1].endswith("it may never have been sent")
+    assert got["DONE"] == ("requested", "")
 
 
 def test_session_state_tracks_what_is_still_limited(store):
