@@ -17,7 +17,7 @@ from rich.console import Console
 
 from dr_bridge.daemon import Bridge
 from dr_bridge.eventlog import event_detail
-from dr_bridge.rig import API_KEY, Rig, StationSpec, wait_for
+from dr_bridge.rig import Rig, StationSpec, wait_for
 from dr_bridge.views import print_event_detail
 
 STATIONS = [
@@ -42,9 +42,7 @@ async def run_demo(console: Console, keep_running: bool = False, debug: bool = F
             console.print(f"[bold]eDRV simulator[/bold] at {rig.sim.base_url}: "
                           f"{len(STATIONS)} stations, {sum(s.sessions for s in STATIONS)} charging sessions")
             console.print(f"[bold]OpenADR VTN[/bold] at {rig.vtn.url}")
-            bridge = Bridge(rig.config(), API_KEY, vtn_backoff_s=0.5)
-            await bridge.start()
-            await wait_for(lambda: bridge.ven.registered, 20)
+            bridge = await rig.started_bridge(vtn_backoff_s=0.5, register_within_s=20)
             console.print(f"bridge registered with the VTN as [bold]{bridge.ven.ven_id}[/bold]")
             start = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(seconds=4)
             event_id = rig.vtn.add_event(bridge.ven.ven_id, targets=TARGETS, intervals=[

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from dr_bridge.config import Config, config_from_dict
+from dr_bridge.daemon import Bridge
 from dr_bridge.edrv.simulator import EdrvSimulator
 from dr_bridge.localvtn import LocalVtn, reserve_port
 
@@ -66,6 +67,19 @@ class Rig:
             await self.sim.stop()
         if self.vtn is not None:
             await self.vtn.stop()
+
+    async def started_bridge(self, *, vtn_backoff_s: float = 0.2, register_within_s: float = 15,
+                             **options: Any) -> Bridge:
+        """A bridge on this rig's config, started and registered with the VTN (stopped again if it does not
+        register in time)."""
+        bridge = Bridge(self.config(), API_KEY, vtn_backoff_s=vtn_backoff_s, **options)
+        await bridge.start()
+        try:
+            await wait_for(lambda: bridge.ven.registered, register_within_s)
+        except BaseException:
+            await bridge.stop()
+            raise
+        return bridge
 
     def config_dict(self) -> dict[str, Any]:
         return {

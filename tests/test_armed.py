@@ -31,9 +31,7 @@ async def rig(tmp_path):
 
 @pytest.fixture
 async def bridge(rig):
-    b = Bridge(rig.config(), API_KEY, vtn_backoff_s=0.2)
-    await b.start()
-    await wait_for(lambda: b.ven.registered, 15)
+    b = await rig.started_bridge()
     yield b
     await b.stop()
 
@@ -110,9 +108,7 @@ async def test_a_session_ending_before_the_start_and_one_joining_its_station_are
 
 @pytest.mark.slow
 async def test_a_bridge_stopping_before_the_start_leaves_no_session_marked_limited(rig):
-    bridge = Bridge(rig.config(), API_KEY, vtn_backoff_s=0.2)
-    await bridge.start()
-    await wait_for(lambda: bridge.ven.registered, 15)
+    bridge = await rig.started_bridge()
     start = soon(PREFETCH_S + 3)
     event_id = rig.vtn.add_event(bridge.ven.ven_id, intervals=[(start, timedelta(seconds=60), 2)])
     await armed(rig, bridge, start)

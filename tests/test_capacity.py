@@ -63,9 +63,7 @@ async def rig(tmp_path, request):
 
 @pytest.fixture
 async def bridge(rig):
-    b = Bridge(rig.config(), API_KEY, vtn_backoff_s=0.2)
-    await b.start()
-    await wait_for(lambda: b.ven.registered, 15)
+    b = await rig.started_bridge()
     yield b
     await b.stop()
 
@@ -166,9 +164,7 @@ FOUR = {"stations": [StationSpec("A", sessions=2), StationSpec("B", sessions=2)]
 
 @pytest.mark.parametrize("rig", [FOUR], indirect=True)
 async def test_a_restart_mid_spread_still_restores_everyone_in_turn(rig, tmp_path):
-    first = Bridge(rig.config(), API_KEY, vtn_backoff_s=0.2)
-    await first.start()
-    await wait_for(lambda: first.ven.registered, 15)
+    first = await rig.started_bridge()
     start, length, spread = soon(3), 3, 6
     cap_event(rig, first, start, length, 20)
     four = [s for ids in rig.sessions.values() for s in ids]
@@ -216,10 +212,8 @@ async def test_a_pass_for_one_station_takes_in_every_cap_linked_to_it_through_an
     counted and E2's whole 10 kW went to B, so B and C drew ~15 kW under a 10 kW cap until the next full pass."""
     r = Rig(tmp_path, [StationSpec("A"), StationSpec("B"), StationSpec("C")])  # full passes only every 60 s
     await r.start(webhooks=True)
-    b = Bridge(r.config(), API_KEY, vtn_backoff_s=0.2)
-    await b.start()
+    b = await r.started_bridge()
     try:
-        await wait_for(lambda: b.ven.registered, 15)
         start = soon(3)
         e2 = cap_event(r, b, start, 60, 10, unit="kW", targets=[{"resource_id": "B"}, {"resource_id": "C"}])
         e1 = cap_event(r, b, start, 60, 40, unit="kW", targets=[{"resource_id": "A"}, {"resource_id": "B"}])

@@ -7,9 +7,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from dr_bridge.daemon import Bridge
 from dr_bridge.engine import PREFETCH_S
-from dr_bridge.rig import API_KEY, Rig, StationSpec, wait_for
+from dr_bridge.rig import Rig, StationSpec, wait_for
 
 
 def soon(seconds: float) -> datetime:
@@ -29,9 +28,7 @@ async def rig(tmp_path, request):
 
 @pytest.fixture
 async def bridge(rig):
-    b = Bridge(rig.config(), API_KEY, vtn_backoff_s=0.2, **getattr(rig, "bridge_kwargs", {}))
-    await b.start()
-    await wait_for(lambda: b.ven.registered, 15)
+    b = await rig.started_bridge(**getattr(rig, "bridge_kwargs", {}))
     yield b
     await b.stop()
 

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from dr_bridge.daemon import Bridge
-from dr_bridge.rig import API_KEY, Rig, StationSpec, wait_for
+from dr_bridge.rig import Rig, StationSpec, wait_for
 from tests.test_restart import spawn, until  # noqa: F401  (spawn is a fixture)
 
 pytestmark = pytest.mark.faults
@@ -133,9 +133,7 @@ async def rig(tmp_path, request):
 
 @pytest.fixture
 async def bridge(rig):
-    b = Bridge(rig.config(), API_KEY, vtn_backoff_s=0.2)
-    await b.start()
-    await wait_for(lambda: b.ven.registered, 15)
+    b = await rig.started_bridge()
     yield b
     await b.stop()
 
@@ -246,10 +244,8 @@ async def test_database_briefly_unavailable_mid_event_loses_nothing(pg_rig, pg_u
     from tests.conftest import PG_ADMIN_URL
 
     rig, name = pg_rig, pg_url.rsplit("/", 1)[-1]
-    bridge = Bridge(rig.config(), API_KEY, vtn_backoff_s=0.2)
-    await bridge.start()
+    bridge = await rig.started_bridge()
     try:
-        await wait_for(lambda: bridge.ven.registered, 15)
         start = soon(2)
         event_id = rig.vtn.add_event(bridge.ven.ven_id, intervals=[(start, timedelta(seconds=4), 2)])
         await wait_for(lambda: len(rig.sim.limit_calls()) >= 20, 20)

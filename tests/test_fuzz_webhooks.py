@@ -17,10 +17,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dr_bridge.daemon import Bridge
 from dr_bridge.edrv.models import Session
 from dr_bridge.edrv.webhooks import BadWebhook, parse, verify
-from dr_bridge.rig import API_KEY, WEBHOOK_SECRET_ENV, Rig, StationSpec, wait_for
+from dr_bridge.rig import WEBHOOK_SECRET_ENV, Rig, StationSpec, wait_for
 from tests.conftest import BAD_INPUT
 from tests.test_core import soon
 
@@ -94,9 +93,7 @@ async def rig(tmp_path, request, monkeypatch):
 
 @pytest.fixture
 async def bridge(rig):
-    b = Bridge(rig.config(), API_KEY, vtn_backoff_s=0.2)
-    await b.start()
-    await wait_for(lambda: b.ven.registered, 15)
+    b = await rig.started_bridge()
     yield b
     await b.stop()
 

@@ -7,8 +7,7 @@ from datetime import timedelta
 
 import pytest
 
-from dr_bridge.daemon import Bridge
-from dr_bridge.rig import API_KEY, Rig, StationSpec, wait_for
+from dr_bridge.rig import Rig, StationSpec, wait_for
 from tests.test_core import a_calls, calls, one_station, soon
 
 
@@ -22,16 +21,9 @@ async def rig(tmp_path, request):
     await r.stop()
 
 
-async def started(rig: Rig) -> Bridge:
-    b = Bridge(rig.config(), API_KEY, vtn_backoff_s=0.2)
-    await b.start()
-    await wait_for(lambda: b.ven.registered, 15)
-    return b
-
-
 @pytest.fixture
 async def bridge(rig):
-    b = await started(rig)
+    b = await rig.started_bridge()
     yield b
     await b.stop()
 
@@ -80,7 +72,7 @@ async def test_a_limited_session_missing_from_a_listing_is_asked_about_before_it
 
 @pytest.mark.parametrize("rig", [{"webhooks": True, "edrv": {"retry_backoff_s": 0.5}}], indirect=True)
 async def test_a_restore_the_charger_refuses_after_edrv_accepted_it_survives_a_restart(rig):
-    bridge = await started(rig)
+    bridge = await rig.started_bridge()
     s = soon(2)
     rig.vtn.add_event(bridge.ven.ven_id, intervals=[(s, timedelta(seconds=2), 2)])
     try:
@@ -95,7 +87,7 @@ async def test_a_restore_the_charger_refuses_after_edrv_accepted_it_survives_a_r
         await bridge.stop()
     rig.sim.set_refuse(rig.station_ids["A"], None)
     before = len(calls(rig, "A"))
-    again = await started(rig)
+    again = await rig.started_bridge()
     try:
         await wait_for(lambda: not again.store.session_states(limited_only=True), 15)
         await again.engine.settle()
@@ -143,7 +135,7 @@ async def test_a_reconnecting_charger_does_not_make_retries_ignore_retry_after(r
 
 @pytest.mark.parametrize("rig", [{"webhooks": True, "stations": [StationSpec("A")]}], indirect=True)
 async def test_a_restore_refused_after_a_restart_is_sent_again(rig):
-    first = await started(rig)
+    first = await rig.started_bridge()
     try:
         rig.vtn.add_event(first.ven.ven_id, intervals=[(soon(2), timedelta(seconds=2), 2)])
         await wait_for(lambda: calls(rig, "A"), 15)
@@ -155,7 +147,7 @@ async def test_a_restore_refused_after_a_restart_is_sent_again(rig):
     rig.sim.set_refuse(rig.station_ids["A"], None)
     rig.sim.outcome_delay_s = 0.05
     (a,) = rig.sessions["A"]
-    again = await started(rig)
+    again = await rig.started_bridge()
     try:
         assert again.store.session_states(limited_only=True) == []  # the database took it for restored
         await wait_for(lambda: len(calls(rig, "A")) >= 3, 15)  # then the refusal came, and another restore
@@ -171,7 +163,7 @@ async def test_a_restore_refused_after_a_restart_is_sent_again(rig):
 
 @pytest.mark.parametrize("rig", [one_station()], indirect=True)
 async def test_a_call_cut_short_by_a_stop_is_marked_failed_at_the_next_start_and_sent_again(rig):
-    first = await started(rig)
+    first = await rig.started_bridge()
     try:
         rig.sim.faults.methods = ("POST",)
         rig.sim.faults.update(latency_s=3)  # the call is still on its way when the bridge stops
@@ -181,7 +173,7 @@ async def test_a_call_cut_short_by_a_stop_is_marked_failed_at_the_next_start_and
         await first.stop()
     assert first.store.action_counts(event_id) == {"planned": 1}
     rig.sim.faults.update(latency_s=0)
-    again = await started(rig)
+    again = await rig.started_bridge()
     try:
         await wait_for(lambda: again.store.action_counts(event_id).get("requested"), 15)
         await again.engine.settle()

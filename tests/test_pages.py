@@ -56,10 +56,8 @@ async def rig(tmp_path):
 
 async def test_the_event_page_shows_every_action_and_draws_the_power_chart(rig, tmp_path):
     binary = chromium_or_skip()
-    bridge = Bridge(rig.config(), API_KEY, vtn_backoff_s=0.2)
-    await bridge.start()
+    bridge = await rig.started_bridge()
     try:
-        await wait_for(lambda: bridge.ven.registered, 15)
         s = soon(8)  # a baseline's worth of readings before the start
         event_id = rig.vtn.add_event(bridge.ven.ven_id, targets=[{"resource_id": "depot-A"}, {"resource_id": "sim-S"}],
                                      intervals=[(s, timedelta(seconds=4), 1), (s + timedelta(seconds=4),
@@ -198,10 +196,8 @@ async def test_the_list_filtered_by_resource_shows_events_aimed_at_the_whole_ven
     is one of the resource's events; the page left it out."""
     r = Rig(tmp_path, [StationSpec("A"), StationSpec("B")])
     await r.start()
-    bridge = Bridge(r.config(), API_KEY, vtn_backoff_s=0.2)
-    await bridge.start()
+    bridge = await r.started_bridge()
     try:
-        await wait_for(lambda: bridge.ven.registered, 15)
         everyone = r.vtn.add_event(bridge.ven.ven_id, intervals=[(soon(600), timedelta(seconds=60), 2)])
         elsewhere = r.vtn.add_event(bridge.ven.ven_id, intervals=[(soon(600), timedelta(seconds=60), 2)],
                                     targets=[{"resource_id": "B"}])

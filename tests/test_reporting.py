@@ -16,7 +16,6 @@ from dr_bridge.daemon import Bridge
 from dr_bridge.eventlog import event_detail, iso, parse_iso
 from dr_bridge.rig import API_KEY, Rig, StationSpec, wait_for
 from tests.test_core import calls, soon
-from tests.test_left_limited import started
 
 KW_AT_16A = 16 * 230 * 3 / 1000  # 11.04 kW: a 32 A three-phase station at level 2
 KW_AT_32A = 32 * 230 * 3 / 1000
@@ -36,9 +35,7 @@ async def rig(tmp_path, request):
 
 @pytest.fixture
 async def bridge(rig):
-    b = Bridge(rig.config(), API_KEY, vtn_backoff_s=0.2)
-    await b.start()
-    await wait_for(lambda: b.ven.registered, 15)
+    b = await rig.started_bridge()
     yield b
     await b.stop()
 
@@ -121,12 +118,12 @@ async def test_a_station_back_online_keeps_the_operators_opt_out(rig, bridge, tm
 
 @pytest.mark.parametrize("rig", [{"webhooks": True}], indirect=True)
 async def test_a_station_offline_across_a_restart_is_limited_again_when_it_is_back(rig, tmp_path):
-    first = await started(rig)
+    first = await rig.started_bridge()
     try:
         event_id = await limited_then_offline(rig, first)
     finally:
         await first.stop()
-    again = await started(rig)
+    again = await rig.started_bridge()
     try:
         await asyncio.sleep(1)  # its first pass: A stays opted out while offline (its restore is refused)
         before = len(calls(rig, "A"))
@@ -157,7 +154,7 @@ async def test_an_operator_opt_out_given_while_the_station_is_offline_stands_whe
 @pytest.mark.parametrize("rig", [{"webhooks": True}], indirect=True)
 @pytest.mark.slow  # a restart
 async def test_a_station_back_online_is_still_limited_after_a_restart(rig, tmp_path):
-    first = await started(rig)
+    first = await rig.started_bridge()
     try:
         event_id = await limited_then_offline(rig, first)
         before = len(calls(rig, "A"))
@@ -167,7 +164,7 @@ async def test_a_station_back_online_is_still_limited_after_a_restart(rig, tmp_p
     finally:
         await first.stop()
     before = len(calls(rig, "A"))
-    again = await started(rig)
+    again = await rig.started_bridge()
     try:
         await asyncio.sleep(2)
         await again.engine.settle()
@@ -191,7 +188,7 @@ async def test_an_opt_out_taken_during_a_dry_run_never_reaches_the_vtn(rig, tmp_
         await asyncio.sleep(3)
     finally:
         await dry.stop()
-    real = await started(rig)  # the same database, run for real now
+    real = await rig.started_bridge()  # the same database, run for real now
     try:
         await asyncio.sleep(3)  # the reporter looks every second
         assert rig.vtn.opts == []
@@ -202,7 +199,7 @@ async def test_an_opt_out_taken_during_a_dry_run_never_reaches_the_vtn(rig, tmp_
 
 @pytest.mark.slow  # a restart
 async def test_an_opt_out_recorded_while_the_bridge_is_stopped_is_applied_before_its_first_pass(rig, tmp_path):
-    first = await started(rig)
+    first = await rig.started_bridge()
     try:
         event_id = rig.vtn.add_event(first.ven.ven_id, intervals=[(soon(2), timedelta(seconds=60), 2)])
         await wait_for(lambda: calls(rig, "A") and calls(rig, "B"), 15)
@@ -211,7 +208,7 @@ async def test_an_opt_out_recorded_while_the_bridge_is_stopped_is_applied_before
         await first.stop()
     assert cli(rig, tmp_path, "opt-out", event_id).exit_code == 0  # the whole event, the daemon stopped
     before = {r: len(calls(rig, r)) for r in "AB"}
-    again = await started(rig)
+    again = await rig.started_bridge()
     try:
         restored = {r: [("clear_power_limit", {})] * len(rig.sessions[r]) for r in "AB"}  # one per session
         await wait_for(lambda: all(len(calls(rig, r)) - before[r] >= len(restored[r]) for r in "AB"), 10)
@@ -276,9 +273,7 @@ async def test_an_unavailability_window_reaches_the_vtn_and_events_in_it_skip_th
 
 
 async def test_unacknowledged_opts_are_retried_with_backoff_and_survive_a_restart(rig, tmp_path):
-    first = Bridge(rig.config(), API_KEY, vtn_backoff_s=0.2)
-    await first.start()
-    await wait_for(lambda: first.ven.registered, 15)
+    first = await rig.started_bridge()
     event_id = rig.vtn.add_event(first.ven.ven_id, intervals=[(soon(30), timedelta(seconds=30), 2)])
     await wait_for(lambda: first.store.get_event(event_id), 10)
     rig.vtn.refuse_opts(100)

@@ -12,10 +12,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from dr_bridge.daemon import Bridge
 from dr_bridge.edrv.webhooks import BadWebhook, verify
 from dr_bridge.eventlog import event_detail
-from dr_bridge.rig import API_KEY, WEBHOOK_SECRET_ENV, Rig, StationSpec, wait_for
+from dr_bridge.rig import WEBHOOK_SECRET_ENV, Rig, StationSpec, wait_for
 from tests.test_core import calls, soon
 
 SECRET = "whsec-test"
@@ -34,9 +33,7 @@ async def rig(tmp_path, request, monkeypatch):
 
 @pytest.fixture
 async def bridge(rig):
-    b = Bridge(rig.config(), API_KEY, vtn_backoff_s=0.2)
-    await b.start()
-    await wait_for(lambda: b.ven.registered, 15)
+    b = await rig.started_bridge()
     yield b
     await b.stop()
 
