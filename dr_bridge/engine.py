@@ -14,7 +14,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Callable
+from typing import Callable, Iterator
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
@@ -421,17 +421,12 @@ class Engine:
                 await self._outage(live, self.fleet.stations[sid])
             owner = (live.event.event_id, live.dry)
             own_budgets, own_caps = (dry_budgets, dry_caps) if live.dry else (budgets, caps)
-            targeted = sorted(sid for sid in live.station_ids
-                              if self.fleet.stations[sid].resource_id not in live.opted_out)
-            for iv in schedule.active_intervals(live.event, now, live.offset_s, self.cfg.bridge.max_event_hours):
-                if is_cap_signal(iv.signal_name, iv.signal_type):
+            targeted = self._targeted(live)
+            for iv, limits in self._limits_at(live, now, targeted):
+                if limits is None:
                     cap = self._cap(live, iv, targeted)
                     if cap is not None:
                         own_caps.append((cap, owner))
-                    continue
-                try:
-                    limits = station_limits(iv, [self.fleet.stations[sid] for sid in targeted], self.settings)
-                except UnsupportedSignal:
                     continue
                 for sid, limit in limits.items():
                     own_budgets.setdefault(sid, []).append((limit, owner))
@@ -459,6 +454,24 @@ class Engine:
             dry_plan = session_limits(dry_budgets, dry_caps, stations, sessions, self.settings,
                                       self._cap_weights(sessions))
             await self._apply(dry_plan, station_of, now, self.dry_dispatcher)
+
+    def _targeted(self, live: LiveEvent) -> list[str]:
+        """The event's stations, bar the resources opted out of it."""
+        return sorted(sid for sid in live.station_ids if self.fleet.stations[sid].resource_id not in live.opted_out)
+
+    def _limits_at(self, live: LiveEvent, at: datetime,
+                   station_ids: list[str]) -> Iterator[tuple[SignalInterval, dict[str, Limit | None] | None]]:
+        """Each interval of the event in force at `at`, with its limit per station; None for a site cap,
+        which is shared over the stations instead (_cap). Intervals of unsupported signals are left out."""
+        for iv in schedule.active_intervals(live.event, at, live.offset_s, self.cfg.bridge.max_event_hours):
+            if is_cap_signal(iv.signal_name, iv.signal_type):
+                yield iv, None
+                continue
+            try:
+                limits = station_limits(iv, [self.fleet.stations[sid] for sid in station_ids], self.settings)
+            except UnsupportedSignal:
+                continue
+            yield iv, limits
 
     def _narrow(self, scope: list[str], only: set[str], caps: list[tuple[Cap, tuple[str, bool]]]) -> list[str]:
         """The stations a pass over `only` must look at: a cap is shared by all its stations, and this
@@ -511,15 +524,10 @@ class Engine:
             if not live.acting or live.dry or schedule.status_at(
                     live.event, boundary, live.offset_s, self.cfg.bridge.max_event_hours) != ACTIVE:
                 continue
-            targeted = [self.fleet.stations[sid] for sid in sorted(live.station_ids - self._offline)
-                        if self.fleet.stations[sid].resource_id not in live.opted_out]
-            for iv in schedule.active_intervals(live.event, boundary, live.offset_s, self.cfg.bridge.max_event_hours):
-                if is_cap_signal(iv.signal_name, iv.signal_type):
+            targeted = [sid for sid in self._targeted(live) if sid not in self._offline]
+            for _, limits in self._limits_at(live, boundary, targeted):
+                if limits is None:
                     return
-                try:
-                    limits = station_limits(iv, targeted, self.settings)
-                except UnsupportedSignal:
-                    continue
                 for sid, limit in limits.items():
                     budgets.setdefault(sid, []).append((limit, (live.event.event_id, False)))
         scope = [sid for sid in budgets if not self.fleet.stations[sid].shared]
