@@ -76,18 +76,18 @@ def run_command(config: str = ConfigOpt,
                                                      help="On SIGTERM/SIGINT restore every limited session first."),
                 debug: bool = DebugOpt) -> None:
     cfg = config_or_exit(config)
-    key = api_key_or_exit(cfg)
+    api_key = api_key_or_exit(cfg)
     if cfg.edrv.webhook_secret_env and not cfg.webhook_secret():
         # Started without it, the bridge would take unsigned webhooks from anyone who can reach it.
         fail(f"environment variable {cfg.edrv.webhook_secret_env} is not set (the eDRV webhook secret; "
              f"edrv.webhook_secret_env in {cfg.path})", 2)
     setup_logging(debug)
-    for key, problem in config_warnings(cfg):  # those fatal to `run` have stopped it above
-        logging.getLogger("dr_bridge").warning("config: %s (%s in %s)", problem, key, cfg.path)
+    for where, problem in config_warnings(cfg):  # those fatal to `run` have stopped it above
+        logging.getLogger("dr_bridge").warning("config: %s (%s in %s)", problem, where, cfg.path)
     from dr_bridge.daemon import AlreadyRunning, StationConflict, run_daemon
 
     try:
-        code = asyncio.run(run_daemon(cfg, key, dry_run=dry_run, restore_on_exit=restore_on_exit))
+        code = asyncio.run(run_daemon(cfg, api_key, dry_run=dry_run, restore_on_exit=restore_on_exit))
     except (StationConflict, AlreadyRunning) as exc:
         fail(str(exc), 2)
     raise typer.Exit(code)
@@ -96,11 +96,11 @@ def run_command(config: str = ConfigOpt,
 @app.command("release-all", help="Emergency: restore every session the bridge still limits (no VTN needed).")
 def release_all_command(config: str = ConfigOpt, debug: bool = DebugOpt) -> None:
     cfg = config_or_exit(config)
-    key = api_key_or_exit(cfg)
+    api_key = api_key_or_exit(cfg)
     setup_logging(debug)
     from dr_bridge.release import release_all
 
-    left = asyncio.run(release_all(cfg, key, Console()))
+    left = asyncio.run(release_all(cfg, api_key, Console()))
     raise typer.Exit(1 if left else 0)
 
 

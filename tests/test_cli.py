@@ -138,13 +138,13 @@ def test_run_logs_what_check_config_would_warn_about(tmp_path, monkeypatch, capl
     started = []
 
     async def run_daemon(cfg, key, **kwargs):
-        started.append(cfg.vtn.ven_name)
+        started.append((cfg.vtn.ven_name, key))
         return 0
 
     monkeypatch.setattr("dr_bridge.daemon.run_daemon", run_daemon)
     out = CliRunner().invoke(app, ["run", "--config", str(path)])
     assert out.exit_code == 0, out.output
-    assert started == ["levels-check"]
+    assert started == [("levels-check", "k")], "the daemon must get the API key, whatever the warnings"
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
         f"config: no rule at or below level 1, 2 ([levels] replaces the defaults as a whole): an event at these "
         f"levels is answered optOut (levels in {path})"]
