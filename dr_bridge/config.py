@@ -152,7 +152,7 @@ class HttpSection(_Section):
         if not path.startswith("/"):
             raise ValueError("must start with /")
         # it needs no token, so it must not be, or contain, a path the pages or their files are served on
-        if path.rstrip("/") in ("", "/events", "/static", "/healthz", "/metrics") \
+        if path.rstrip("/") in ("", "/events", "/static", "/healthz", "/livez", "/readyz", "/metrics") \
                 or path.startswith(("/events/", "/static/")):
             raise ValueError(f"{path!r} is a path the HTTP server already serves; keep the default "
                              "/edrv/webhooks or another path of its own")

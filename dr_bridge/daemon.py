@@ -12,6 +12,7 @@ from typing import Any, Callable
 from dr_bridge.config import Config
 from dr_bridge.edrv.client import EdrvClient
 from dr_bridge.engine import Engine
+from dr_bridge.health import Readiness, Reason
 from dr_bridge.instance import InstanceLock
 from dr_bridge.openadr import Telemetry, Ven
 from dr_bridge.reporting import Reporter, resource_power_kw
@@ -51,7 +52,8 @@ class Bridge:
         self.metrics = Metrics()
         self.client = EdrvClient(cfg.edrv.base_url, api_key, timeout_s=cfg.edrv.request_timeout_s,
                                  max_concurrency=cfg.edrv.max_concurrency, on_call=self._observe_call)
-        self.engine = Engine(cfg, self.store, self.client, dry_run=dry_run, clock=clock)
+        self.readiness = Readiness()
+        self.engine = Engine(cfg, self.store, self.client, dry_run=dry_run, clock=clock, readiness=self.readiness)
         state = self.store.ven_state()
         self.ven = Ven(vtn_url=cfg.vtn.url, ven_name=cfg.vtn.ven_name, ven_id=state.ven_id or cfg.vtn.ven_id or None,
                        registration_id=state.registration_id, cert=cfg.vtn.cert or None, key=cfg.vtn.key or None,
@@ -59,6 +61,7 @@ class Bridge:
                        on_event=self.engine.handle_event, on_registered=self.engine.registered,
                        on_event_list=self.engine.handle_event_list, telemetry=self._telemetry(cfg),
                        backoff_initial_s=vtn_backoff_s)
+        self.readiness.add_probe(self._registration_probe)
         self.reporter = Reporter(cfg, self.store, self.ven, dry_run=dry_run)
         self.http = HttpServer(cfg, self, self.metrics) if http else None
         self._ven_task: asyncio.Task | None = None
@@ -71,6 +74,11 @@ class Bridge:
         resources = sorted({s.resource_id for s in stations})
         return Telemetry(resources, partial(resource_power_kw, self.store, stations),
                          min_sampling=timedelta(seconds=cfg.vtn.telemetry_min_sampling_s))
+
+    def _registration_probe(self) -> tuple[Reason, str] | None:
+        if self.ven.registered:
+            return None
+        return Reason.NOT_REGISTERED, f"not registered with VTN {self.cfg.vtn.url}: events cannot reach the bridge"
 
     def _observe_call(self, op: str, latency_s: float, outcome: str) -> None:
         histogram = self._latency.get((op, outcome))

@@ -26,6 +26,7 @@ from dr_bridge.edrv.models import Session
 from dr_bridge.edrv.webhooks import Envelope, action_status
 from dr_bridge.eventlog import event_from_json, event_to_json, iso
 from dr_bridge.fleet import Fleet
+from dr_bridge.health import Readiness, Reason
 from dr_bridge.journal import Journal
 from dr_bridge.policy import (PERCENT_OFFSET, UnsupportedSignal, cap_watts, is_cap_signal, is_supported,
                               session_limits, station_limits, to_watts, unusable)
@@ -69,8 +70,11 @@ class LiveEvent:
 
 class Engine:
     def __init__(self, cfg, store: Store, client, *, dry_run: bool = False,
-                 clock: Callable[[], datetime] = utcnow, rng: random.Random | None = None):
+                 clock: Callable[[], datetime] = utcnow, rng: random.Random | None = None,
+                 readiness: Readiness | None = None):
         self.cfg = cfg
+        self.readiness = readiness or Readiness()
+        self.readiness.add_probe(self._restores_probe)
         self.store = store
         self.client = client
         self.dry_run = dry_run or cfg.bridge.dry_run
@@ -908,6 +912,12 @@ class Engine:
     def overdue_restores(self) -> list[str]:
         """Restores still not done two outcome-timeouts after they became due."""
         return self.dispatcher.overdue(2 * self.cfg.edrv.action_timeout_s)
+
+    def _restores_probe(self) -> tuple[Reason, str] | None:
+        if overdue := self.overdue_restores():
+            return Reason.RESTORES_OVERDUE, (f"{len(overdue)} session(s) still limited after their restore was due: "
+                                             f"{', '.join(overdue[:5])}{' ...' if len(overdue) > 5 else ''}")
+        return None
 
     # --- opt-outs ----------------------------------------------------------------------------------------
     async def _noncompliant(self, session_id: str, station: Station, event_id: str | None, reason: str,

@@ -18,6 +18,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from dr_bridge import pages
 from dr_bridge.edrv.webhooks import BadWebhook, parse, too_old_to_tell, verify
 from dr_bridge.eventlog import iso
+from dr_bridge.health import Reason
 from dr_bridge.store import utcnow
 
 if TYPE_CHECKING:
@@ -38,6 +39,9 @@ class Metrics:
         self.restores_pending = Gauge("drbridge_restores_pending", "Sessions limited by the bridge", registry=r)
         self.webhook_lag = Histogram("drbridge_webhook_lag_seconds", "eDRV createdAt to receipt",
                                      buckets=(0.1, 0.5, 1, 2, 5, 15, 60, 300), registry=r)
+        self.ready = Gauge("drbridge_ready", "1 while the bridge can act, 0 while /readyz answers 503", registry=r)
+        self.not_ready = Gauge("drbridge_not_ready", "1 for each reason the bridge cannot act now", ["reason"],
+                               registry=r)
         self.edrv_latency = Histogram("drbridge_edrv_call_seconds", "eDRV API call latency", ["op", "outcome"],
                                       registry=r)
 
@@ -51,12 +55,14 @@ class HttpServer:
         self.last_webhook = None
         # /metrics stays open like /healthz: aggregate counts and latencies only (no event, resource or session
         # ids), and Prometheus scrapers already pointed at it keep working.
-        exempt = {cfg.http.webhook_path, "/healthz", "/metrics"}
+        exempt = {cfg.http.webhook_path, "/healthz", "/livez", "/readyz", "/metrics"}
         self.token_required = bool(cfg.http.token_env)
         token = pages.token_middleware(cfg.http_token(), self.token_required, exempt)
         self.app = web.Application(client_max_size=MAX_WEBHOOK_BYTES, middlewares=[token])
         self.app.router.add_post(cfg.http.webhook_path, self.webhook)
         self.app.router.add_get("/healthz", self.healthz)
+        self.app.router.add_get("/readyz", self.healthz)
+        self.app.router.add_get("/livez", self.livez)
         self.app.router.add_get("/metrics", self.metrics_page)
         pages.mount(self.app, lambda: self.bridge.store, cfg)
         self.runner: web.AppRunner | None = None
@@ -149,20 +155,32 @@ class HttpServer:
         task.add_done_callback(self._tasks.discard)
 
     def health(self) -> tuple[bool, dict]:
+        """Readiness: 200 only while the bridge can act; otherwise 503 and every reason it cannot."""
         engine = self.bridge.engine
-        overdue = engine.overdue_restores()
-        body = {"ok": not overdue, "vtn_registered": self.bridge.ven.registered, "ven_id": engine.ven_id,
+        not_ready = self.bridge.readiness.not_ready()
+        ready = not not_ready
+        body = {"ok": ready, "ready": ready,
+                "not_ready": [{"reason": str(r), "detail": d} for r, d in not_ready.items()],
+                "vtn_registered": self.bridge.ven.registered, "ven_id": engine.ven_id,
                 "last_edrv_ok": iso(engine.last_edrv_ok), "last_webhook": iso(self.last_webhook),
                 "active_events": engine.active_event_ids(), "restores_pending": len(engine.limited_sessions()),
-                "restores_overdue": overdue}
-        return not overdue, body
+                "restores_overdue": engine.overdue_restores()}
+        return ready, body
 
     async def healthz(self, request: web.Request) -> web.Response:
         ok, body = self.health()
         return web.json_response(body, status=200 if ok else 503)
 
+    async def livez(self, request: web.Request) -> web.Response:
+        """Liveness: the process and its event loop answer. Nothing here may wait on a peer or the database."""
+        return web.json_response({"alive": True})
+
     async def metrics_page(self, request: web.Request) -> web.Response:
         engine = self.bridge.engine
+        not_ready = self.bridge.readiness.not_ready()
+        self.metrics.ready.set(0 if not_ready else 1)
+        for reason in Reason:
+            self.metrics.not_ready.labels(reason=reason.name.lower()).set(1 if reason in not_ready else 0)
         self.metrics.active_events.set(len(engine.active_event_ids()))
         self.metrics.restores_pending.set(len(engine.limited_sessions()))
         for status, n in self.bridge.store.action_counts().items():

@@ -5,8 +5,8 @@ Server-rendered HTML with everything escaped (event ids, resource ids and detail
 eDRV). The chart is uPlot, served from the package's static/ directory, so the page works with no internet.
 GET only. Database reads run in a worker thread: a 10,000-action event must not stall the daemon's loop.
 
-Token (CONTRACT.md `http.token_env`): when set, every path but the webhook, /healthz and /metrics needs
-`Authorization: Bearer <token>`. A browser opens `/events?token=<token>` once: the bridge answers with an
+Token (CONTRACT.md `http.token_env`): when set, every path but the webhook, /healthz, /livez, /readyz and
+/metrics needs `Authorization: Bearer <token>`. A browser opens `/events?token=<token>` once: the bridge answers with an
 HttpOnly cookie and a redirect to the same URL without the token, so the token leaves the address bar.
 """
 from __future__ import annotations
