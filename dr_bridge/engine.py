@@ -514,7 +514,7 @@ class Engine:
         """Ahead of a boundary: which sessions run, and what kind each station is, so the pass at the
         boundary asks eDRV nothing before sending."""
         await self.fleet.resolve_all(station_ids)
-        if await self._refresh_sessions(station_ids):
+        if await self._refresh_sessions(station_ids, replan=True):
             self._ahead.add(boundary)
             self._arm(boundary)
 
@@ -711,19 +711,29 @@ class Engine:
         log.info("event %s is now %s", live.event.event_id, status)
         live.status = status
 
-    async def _refresh_sessions(self, station_ids: list[str]) -> bool:
+    async def _refresh_sessions(self, station_ids: list[str], replan: bool = False) -> bool:
         """List the sessions running on these stations; sessions we limited that no longer run are done
-        with. False when eDRV did not answer (the last known list stands)."""
-        live_ids = await self.fleet.list_running(station_ids)
-        if live_ids is None:
+        with. With `replan`, a listing that is not itself part of a pass re-plans the stations whose sessions
+        it found changed, as a webhook would have: a session that started silently gets its share now, and
+        one that left frees its share, rather than at the next boundary. False when eDRV did not answer (the
+        last known list stands)."""
+        listed = await self.fleet.list_running(station_ids)
+        if listed is None:
             return False
+        live_ids, changed = listed
         self.last_edrv_ok = utcnow()
-        listed = set(station_ids)
+        if replan and changed:
+            if active := {sid for sid in changed for live in self.events.values()
+                          if sid in live.station_ids and live.status == ACTIVE and live.acting}:
+                log.info("the listing found the sessions of %d station(s) changed without a webhook: re-planning "
+                         "them", len(active))
+                self.kick_stations(active)
+        listed_ids = set(station_ids)
         for session_id in self.dry_dispatcher.limited_sessions():
-            if self.dry_dispatcher.station_of(session_id) in listed and session_id not in live_ids:
+            if self.dry_dispatcher.station_of(session_id) in listed_ids and session_id not in live_ids:
                 self.dry_dispatcher.session_ended(session_id)
         missing = [sid for sid in self.dispatcher.limited_sessions()
-                   if self.dispatcher.station_of(sid) in listed and sid not in live_ids]
+                   if self.dispatcher.station_of(sid) in listed_ids and sid not in live_ids]
         if missing:
             await asyncio.gather(*(self._confirm_ended(sid) for sid in missing))
         return True

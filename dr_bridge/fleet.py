@@ -29,9 +29,10 @@ class Fleet:
         self._resolving: dict[str, asyncio.Task] = {}  # station id -> its kind being read from eDRV
 
     # --- running sessions ----------------------------------------------------------------------------
-    async def list_running(self, station_ids: list[str]) -> set[str] | None:
-        """Ask eDRV which sessions run now on these stations; the ids of those running, or None when eDRV
-        did not answer (the last known list stands)."""
+    async def list_running(self, station_ids: list[str]) -> tuple[set[str], set[str]] | None:
+        """Ask eDRV which sessions run now on these stations: the ids of those running, and the stations whose
+        sessions differ from the picture before (a session that started or ended without a webhook); None
+        when eDRV did not answer (the last known list stands)."""
         try:
             # One paginated listing filtered here, rather than one query per station on every pass.
             sessions = await self.client.list_running_sessions(None if len(station_ids) > 4 else station_ids)
@@ -44,12 +45,15 @@ class Fleet:
             if s.chargestation_id in running:
                 running[s.chargestation_id].append(s.id)
                 self.note_need(s)
+        changed: set[str] = set()
         for sid in station_ids:
             running[sid].sort()
+            if self.running.get(sid, []) != running[sid]:
+                changed.add(sid)
             self.running[sid] = running[sid]
         alive = {x for ids in self.running.values() for x in ids}
         self.energy_needs = {k: v for k, v in self.energy_needs.items() if k in alive}
-        return {x for ids in running.values() for x in ids}
+        return {x for ids in running.values() for x in ids}, changed
 
     def started(self, station_id: str, session_id: str) -> bool:
         """A webhook says this session runs; True when it is new to us."""
