@@ -76,3 +76,26 @@ async def test_run_with_config_warnings_still_uses_the_api_key_and_limits(rig, s
     await until(lambda: calls(rig, "A") == [LIMIT, CLEAR] and calls(rig, "S") == [LIMIT, LIFT], 20, bridge,
                 "the restore at the event's end")
     assert API_KEY not in bridge.stderr(), "the API key must never be logged"
+
+
+@pytest.mark.slow
+async def test_every_command_on_an_operators_config_with_warnings(rig, spawn, tmp_path):
+    # The rest of the class: each command that reads the API key or the config, run on the same config. The
+    # daemon is killed mid-event, so release-all has something to lift without it.
+    config = operators_config(rig, tmp_path / "operator.toml")
+    check = await spawn("check-config", "--config", config)
+    assert await check.wait(60) == 0 and "warning:" in check.stderr(), check.stderr()
+    bridge = await spawn("run", "--config", config)
+    ven_id = await registered(rig, 1, bridge)
+    event_id = rig.vtn.add_event(ven_id, intervals=[(soon(2), timedelta(seconds=120), 2)], targets=TARGETS)
+    await until(lambda: calls(rig, "A") == [LIMIT] and calls(rig, "S") == [LIMIT], 20, bridge, "the limits")
+    await bridge.sigkill()
+
+    listed = await spawn("events", "list", "--config", config, "--json")
+    assert await listed.wait(60) == 0 and event_id in listed.stdout(), listed.stderr()
+    release = await spawn("release-all", "--config", config)
+    assert await release.wait(60) == 0, release.stderr()
+    assert calls(rig, "A") == [LIMIT, CLEAR] and calls(rig, "S") == [LIMIT, LIFT]
+    assert not [r.path for r in rig.sim.requests if r.status == 401], "a command sent another key than its own"
+    for child in (check, bridge, listed, release):
+        assert API_KEY not in child.stderr() + child.stdout()
