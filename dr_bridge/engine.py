@@ -94,6 +94,7 @@ class Engine:
         self.scheduler = AsyncIOScheduler(timezone="UTC")
         self.last_edrv_ok: datetime | None = None
         self.webhooks_seen = False  # outcome timeouts only mean something once eDRV's webhooks reach us
+        self.last_webhook_at: datetime | None = None
         self._dirty = asyncio.Event()
         self._full = False  # the next pass looks at every station and lists running sessions
         self._only: set[str] = set()  # otherwise, the stations a webhook told us about
@@ -743,6 +744,8 @@ class Engine:
     # --- what eDRV tells us by webhook ----------------------------------------------------------------
     async def on_webhook(self, env: Envelope) -> None:
         self.webhooks_seen = True
+        self.last_webhook_at = utcnow()
+        self.readiness.clear(Reason.WEBHOOKS_SILENT, "eDRV's webhooks arrive again")
         kind = env.type
         if kind.startswith(("session.set_power_limit.", "session.clear_power_limit.")):
             self._action_outcome(env)
@@ -847,6 +850,11 @@ class Engine:
             live.offline.add(station.resource_id)
 
     async def _expire_unanswered(self) -> None:
+        """Calls eDRV accepted (HTTP 2xx) whose outcome webhook has not come in time. No answer is not a
+        refusal: when eDRV's webhooks stop (the endpoint disabled, a proxy down) every call goes unanswered,
+        and counting them refused would opt the whole fleet out. Nor can eDRV be asked: a session read shows
+        no limit. So each is sent once more, in case it was lost on its way, and otherwise taken as done;
+        when no webhook at all has come since, the webhooks are silent, and readiness says so."""
         if not self.webhooks_seen:
             return
         timeout_s = self.cfg.edrv.action_timeout_s
@@ -859,17 +867,38 @@ class Engine:
         # stop during a large event, thousands of calls expire together, one commit each would stall the loop.
         ids = {r.id for r in rows}
         self._expiring |= ids
-        detail = f"no outcome from the charger within {timeout_s:g} s"
-        done = self.journal.submit(*(("update_action", r.id, {"status": "failed", "detail": detail}) for r in rows))
+        detail = f"no outcome from the charger within {timeout_s:g} s: taken as done (eDRV accepted the call)"
+        done = self.journal.submit(*(("update_action", r.id, {"status": "unanswered", "detail": detail})
+                                     for r in rows))
         done.add_done_callback(lambda _: self._expiring.difference_update(ids))
+        silent = self._webhooks_silent(rows, timeout_s)
+        again = sum(1 for row in rows if self._unanswered(row))
         examples = ", ".join(f"{r.kind} on session {r.session_id}" for r in rows[:5])
-        log.warning("no outcome within %g s for %d call(s), counted as failed: %s%s", timeout_s, len(rows), examples,
-                    ", ..." if len(rows) > 5 else "")
-        for row in rows:
-            if row.purpose == "restore" and not self.dispatcher.known(row.session_id):
-                self._restore_again(row.session_id, row.chargestation_id, row.event_id, "its restore went unanswered")
-            else:
-                self.dispatcher.unanswered(row.session_id, row.purpose, (row.unit, row.limit))
+        # While the webhooks are silent, readiness has said why in one ERROR; each batch is only news.
+        log.log(logging.INFO if silent else logging.WARNING,
+                "no outcome within %g s for %d call(s), not counted as refused: %d sent once more, the rest taken "
+                "as done: %s%s", timeout_s, len(rows), again, examples, ", ..." if len(rows) > 5 else "")
+
+    def _unanswered(self, row) -> bool:
+        """One unanswered call; True when it is sent again."""
+        if row.purpose == "restore" and not self.dispatcher.known(row.session_id):
+            self._restore_again(row.session_id, row.chargestation_id, row.event_id, "its restore went unanswered")
+            return True
+        return self.dispatcher.unanswered(row.session_id, row.purpose, (row.unit, row.limit))
+
+    def _webhooks_silent(self, rows, timeout_s: float) -> bool:
+        """No webhook of any kind since the oldest of these calls was answered: eDRV's webhooks do not reach
+        the bridge, which then learns nothing of refusals, or of sessions starting and ending, but by listing."""
+        since = min(r.updated_at for r in rows)
+        if self.last_webhook_at is not None and self.last_webhook_at >= since:
+            return False
+        last = iso(self.last_webhook_at) if self.last_webhook_at else "the bridge started"
+        self.readiness.raise_(Reason.WEBHOOKS_SILENT, (
+            f"no webhook from eDRV since {last}, and {len(rows)} call(s) eDRV accepted had no outcome within "
+            f"{timeout_s:g} s: check in eDRV that the webhook endpoint is enabled and points at this bridge's "
+            f"{self.cfg.http.webhook_path}, and any proxy in between. Meanwhile calls are taken as done, not "
+            f"refused, and sessions are found by listing every {self.cfg.edrv.reconcile_interval_s:g} s"))
+        return True
 
     def _restore_again(self, session_id: str, station_id: str, event_id: str | None, why: str) -> None:
         """A restore that did not take, for a session this run has not dispatched: eDRV accepted it before a
