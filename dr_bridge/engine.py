@@ -24,6 +24,7 @@ from dr_bridge.domain import ACTIVE, CANCELLED, COMPLETED, PENDING, Cap, Event, 
 from dr_bridge.edrv.errors import EdrvError
 from dr_bridge.edrv.models import Session
 from dr_bridge.edrv.webhooks import Envelope, action_status
+from dr_bridge.edrvwatch import EdrvWatch
 from dr_bridge.eventlog import event_from_json, event_to_json, iso
 from dr_bridge.fleet import Fleet
 from dr_bridge.health import Readiness, Reason
@@ -47,6 +48,8 @@ ARM_LAPSE_S = 10.0  # how long after its interval start a limit armed for it wai
 FOLLOW_UP_S = 5.0  # the longest the fresh listing after such a boundary waits for its limits to go out
 RESOLVE_WAIT_S = 1.0  # the longest a pass waits for eDRV to say what kind a station is (see Fleet.resolve_all)
 SHARE_RECHECK_S = 1.0  # after this bridge's wish for a shared station changed, it looks at the others' again
+# The reason of the opt-outs the bridge reports while eDRV refuses it (outageRunStatus, until eDRV accepts again).
+REFUSED_OPT_OUT = "eDRV refuses the bridge's API key (HTTP 401/403): it can neither limit nor restore"
 
 
 @dataclass
@@ -93,8 +96,12 @@ class Engine:
         self.dry_dispatcher = Dispatcher(None, store, journal=self.journal, dry_only=True)
         self.scheduler = AsyncIOScheduler(timezone="UTC")
         self.last_edrv_ok: datetime | None = None
+        self.edrv = EdrvWatch(self.readiness, key_env=cfg.edrv.api_key_env, base_url=cfg.edrv.base_url,
+                              unreachable_after_s=cfg.edrv.reconcile_interval_s)
+        self._refusal_marks = False  # opt-outs stand that were reported because eDRV refused the bridge
         self.webhooks_seen = False  # outcome timeouts only mean something once eDRV's webhooks reach us
         self.last_webhook_at: datetime | None = None
+        self._tasks: set[asyncio.Task] = set()
         self._dirty = asyncio.Event()
         self._full = False  # the next pass looks at every station and lists running sessions
         self._only: set[str] = set()  # otherwise, the stations a webhook told us about
@@ -120,6 +127,7 @@ class Engine:
             live = LiveEvent(ev, row.offset_s, row.opt or OPT_OUT, row.opt_reason or "", row.status, row.dry_run,
                              {s.id for s in select_stations(ev, list(self.fleet.stations.values()), self.ven_id)})
             live.opted_out, live.offline = self._resource_opt_outs(ev.event_id)
+            self._refusal_marks |= any(self._refusal_opt_outs(ev.event_id))
             self.events[ev.event_id] = live
             log.info("resuming event %s (%s, modification %d)", ev.event_id, row.status, ev.modification_number)
         for st in self.store.session_states(limited_only=True):
@@ -141,6 +149,8 @@ class Engine:
         check_s = max(0.5, min(10.0, self.cfg.edrv.action_timeout_s / 4))
         self.scheduler.add_job(self._expire_unanswered, "interval", seconds=check_s, id="action-timeouts",
                                replace_existing=True)
+        self.scheduler.add_job(self._check_edrv, "interval", seconds=self.cfg.edrv.reconcile_interval_s,
+                               id="edrv-check", replace_existing=True)
         self.scheduler.add_job(self._prune, "interval", hours=1, id="retention", replace_existing=True,
                                next_run_time=self.clock())
         # Opt-outs the operator recorded while the bridge was stopped, before the first pass: otherwise it
@@ -337,6 +347,8 @@ class Engine:
         self._schedule(live)
         if live.acting:
             self.fleet.start_resolving(sorted(live.station_ids))  # long before the boundary needs them, if we can
+            if self.edrv.refusing:
+                self._spawn(self._opt_out_refused([live]))
         self.kick()
         return opt, reason
 
@@ -947,6 +959,80 @@ class Engine:
             return Reason.RESTORES_OVERDUE, (f"{len(overdue)} session(s) still limited after their restore was due: "
                                              f"{', '.join(overdue[:5])}{' ...' if len(overdue) > 5 else ''}")
         return None
+
+    # --- eDRV refusing or out of reach ------------------------------------------------------------------
+    def observe_edrv(self, op: str, outcome: str) -> None:
+        """Every eDRV call's outcome (the client's on_call hook): can the bridge still act through eDRV?"""
+        if outcome == "ok":
+            self.last_edrv_ok = utcnow()
+        if self.edrv.observe(op, outcome) == "refusing":
+            self._spawn(self._opt_out_refused(list(self.events.values())))
+        elif self._refusal_marks and not self.edrv.refusing and outcome in ("ok", "not_found", "rejected"):
+            self._accepted_again()
+
+    async def _check_edrv(self) -> None:
+        """Ask eDRV one small thing when nothing else has for a reconcile interval, so that a key revoked
+        between events shows (in readiness, and to the VTN) before the next event starts, not at its start."""
+        self.edrv.check_reach()
+        if self.client is None or not self.fleet.stations:
+            return
+        last = self.edrv.last_call
+        if last is not None and time.monotonic() - last < self.cfg.edrv.reconcile_interval_s:
+            return
+        try:
+            await self.client.get_chargestation(next(iter(self.fleet.stations)))
+        except EdrvError:
+            pass  # its outcome reached observe_edrv like any other call's
+
+    async def _opt_out_refused(self, lives: list[LiveEvent]) -> None:
+        """eDRV refuses the bridge: the resources of these events, active or pending, are reported to the VTN
+        as opted out (outageRunStatus) rather than left opted in and idle, until eDRV accepts again."""
+        for live in lives:
+            if live.dry or not live.acting or live.status not in (PENDING, ACTIVE) or live.event.cancelled:
+                continue
+            ev = live.event
+            resources = sorted({self.fleet.stations[sid].resource_id for sid in live.station_ids} - live.opted_out)
+            for resource_id in resources:
+                live.opted_out.add(resource_id)
+                live.offline.add(resource_id)  # opted out only until eDRV accepts again
+                self.store.add_opt_out(OptOutRow(event_id=ev.event_id, modification_number=ev.modification_number,
+                                                 resource_id=resource_id, reason=REFUSED_OPT_OUT,
+                                                 opt_reason="outageRunStatus", source="automatic", applied=True))
+            if resources:
+                self._refusal_marks = True
+                log.warning("event %s (%s): %d resource(s) reported to the VTN as opted out while eDRV refuses "
+                            "the bridge: %s", ev.event_id, live.status, len(resources), ", ".join(resources))
+        self.kick()
+
+    def _refusal_opt_outs(self, event_id: str) -> list[OptOutRow]:
+        return [o for o in self.store.opt_outs(event_id)
+                if is_outage(o) and o.window_end is None and o.reason == REFUSED_OPT_OUT]
+
+    def _accepted_again(self) -> None:
+        """eDRV accepts the bridge again: the resources opted out meanwhile are limited again in the events
+        still running, as after a station outage. Their opt-out stands at the VTN: for part of the event the
+        bridge could not act, and the event log keeps when that ended."""
+        self._refusal_marks = False
+        back = utcnow()
+        offline = {self.fleet.stations[sid].resource_id for sid in self._offline if sid in self.fleet.stations}
+        resumed = 0
+        for live in self.events.values():
+            for row in self._refusal_opt_outs(live.event.event_id):
+                self.store.update_opt_out(row.id, window_start=row.at, window_end=back,
+                                          reason=f"{row.reason}; accepted again {iso(back)}")
+                if row.resource_id in live.offline and row.resource_id not in offline:
+                    live.offline.discard(row.resource_id)
+                    live.opted_out.discard(row.resource_id)
+                    resumed += 1
+        if resumed:
+            log.info("eDRV accepts the bridge again: %d resource(s) limited again in the events still running",
+                     resumed)
+        self.kick()
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # --- opt-outs ----------------------------------------------------------------------------------------
     async def _noncompliant(self, session_id: str, station: Station, event_id: str | None, reason: str,

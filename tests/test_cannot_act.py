@@ -8,7 +8,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from dr_bridge.rig import Rig, StationSpec
+from dr_bridge.rig import API_KEY, Rig, StationSpec
 from tests.test_restart import CLEAR, LIFT, LIMIT, TARGETS, calls, registered, soon, spawn, until  # noqa: F401
 
 pytestmark = pytest.mark.slow
@@ -79,3 +79,47 @@ async def test_webhook_silence_is_an_alarm_not_a_fleet_opt_out_nor_a_clear_loop(
 
     rig.sim.faults.update(drop_webhook_rate=0.0)  # the endpoint is enabled again
     await until(lambda: "webhooks silent" not in reasons(rig), 15, child, "readiness to clear")
+
+
+async def test_edrv_refusing_the_key_is_an_alarm_and_an_opt_out_until_it_accepts_again(rig, tmp_path,
+                                                                                       spawn):  # noqa: F811
+    child = await spawn("run", "--config", str(rig.write_config(tmp_path / "dr-bridge.toml")))
+    ven_id = await registered(rig, 1, child)
+    start, length = soon(10), 14
+    event_id = rig.vtn.add_event(ven_id, intervals=[(start, timedelta(seconds=length), 2)], targets=TARGETS)
+    await until(lambda: [r for r in rig.vtn.responses if r["event_id"] == event_id], 15, child, "the optIn")
+    rig.sim.api_key = "rotated-in-the-edrv-dashboard"  # the bridge's key is refused from now on: HTTP 401
+
+    # Found while the event is pending: readiness, the metric, one ERROR, and the VTN hears optOut per resource.
+    refusing = await until(lambda: reasons(rig).get("eDRV refusing"), 15, child, "readiness: eDRV refusing")
+    assert "DR_BRIDGE_RIG_KEY" in refusing and "restart" in refusing
+    assert not_ready_metric(rig, "edrv_refusing") == 1
+    opts = await until(lambda: [o for o in rig.vtn.opts if o["event_id"] == event_id] if len(
+        [o for o in rig.vtn.opts if o["event_id"] == event_id]) >= 2 else None, 15, child, "opt-outs at the VTN")
+    assert sorted((o["opt_type"], o["opt_reason"], tuple(o["resource_ids"])) for o in opts) == [
+        ("optOut", "outageRunStatus", ("A",)), ("optOut", "outageRunStatus", ("S",))]
+    assert now() < start, "too slow to show that the refusal is found before the event starts"
+    await until(lambda: now() > start + timedelta(seconds=2), 20, child, "the event to start")
+    assert all(rig.sim.session_limit(s) is None for ids in rig.sessions.values() for s in ids)
+    assert len(error_lines(child, "eDRV refusing")) == 1, child.stderr()
+
+    mark = len(rig.sim.limit_calls())
+    rig.sim.api_key = API_KEY  # eDRV accepts the key again
+    await until(lambda: "eDRV refusing" not in reasons(rig), 15, child, "readiness to clear")
+    await until(lambda: all(rig.sim.session_limit(s) == 16 for ids in rig.sessions.values() for s in ids), 15,
+                child, "the sessions limited again while the event runs")
+    await until(lambda: CLEAR in calls(rig, "A", mark) and LIFT in calls(rig, "S", mark), 30, child,
+                "the restore at the end")
+
+
+async def test_edrv_out_of_reach_for_long_is_not_ready_until_it_answers(rig, tmp_path, spawn):  # noqa: F811
+    child = await spawn("run", "--config", str(rig.write_config(tmp_path / "dr-bridge.toml")))
+    await registered(rig, 1, child)
+    await until(lambda: not reasons(rig), 15, child, "the bridge to be ready")
+    rig.sim.faults.update(error_rate=1.0)  # eDRV answers every call 503
+    detail = await until(lambda: reasons(rig).get("eDRV unreachable"), 20, child, "readiness: eDRV unreachable")
+    assert rig.sim.base_url in detail
+    assert not_ready_metric(rig, "edrv_unreachable") == 1
+    rig.sim.faults.update(error_rate=0.0)
+    await until(lambda: "eDRV unreachable" not in reasons(rig), 20, child, "readiness to clear")
+    assert len(error_lines(child, "eDRV unreachable")) == 1, child.stderr()
