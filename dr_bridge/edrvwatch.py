@@ -40,7 +40,8 @@ class EdrvWatch:
         has just stopped (every operation it refused has been accepted since)."""
         now = self.last_call = self.clock()
         if outcome in _UNREACHED:
-            self._failing_since = self._failing_since or now
+            if self._failing_since is None:
+                self._failing_since = now
             self.check_reach()
             return None
         self._failing_since = None
