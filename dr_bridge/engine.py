@@ -101,6 +101,7 @@ class Engine:
         self._refusal_marks = False  # opt-outs stand that were reported because eDRV refused the bridge
         self.webhooks_seen = False  # outcome timeouts only mean something once eDRV's webhooks reach us
         self.last_webhook_at: datetime | None = None
+        self._refused_since: datetime | None = None  # webhooks refused for their signature, none accepted since
         self._tasks: set[asyncio.Task] = set()
         self._dirty = asyncio.Event()
         self._full = False  # the next pass looks at every station and lists running sessions
@@ -756,7 +757,7 @@ class Engine:
     # --- what eDRV tells us by webhook ----------------------------------------------------------------
     async def on_webhook(self, env: Envelope) -> None:
         self.webhooks_seen = True
-        self.last_webhook_at = utcnow()
+        self.last_webhook_at, self._refused_since = utcnow(), None
         self.readiness.clear(Reason.WEBHOOKS_SILENT, "eDRV's webhooks arrive again")
         kind = env.type
         if kind.startswith(("session.set_power_limit.", "session.clear_power_limit.")):
@@ -898,12 +899,28 @@ class Engine:
             return True
         return self.dispatcher.unanswered(row.session_id, row.purpose, (row.unit, row.limit))
 
+    def webhook_refused(self, reason: str) -> None:
+        """A webhook refused for its signature. Anyone can post to the endpoint, so one proves nothing; but
+        refused ones that keep coming for an outcome timeout, none accepted meanwhile, mean that the bridge's
+        webhook secret is not eDRV's, and the bridge hears nothing from eDRV."""
+        now = utcnow()
+        if self._refused_since is None:
+            self._refused_since = now
+        elif (now - self._refused_since).total_seconds() >= self.cfg.edrv.action_timeout_s:
+            self.readiness.raise_(Reason.WEBHOOKS_SILENT, (
+                f"eDRV's webhooks reach the bridge but are refused since {iso(self._refused_since)} ({reason}): "
+                f"{self.cfg.edrv.webhook_secret_env or 'the webhook secret'} must hold the signing secret eDRV "
+                f"shows for this webhook endpoint. Meanwhile the bridge hears no charger's answer, and finds "
+                f"sessions starting or ending only by listing"))
+
     def _webhooks_silent(self, rows, timeout_s: float) -> bool:
         """No webhook of any kind since the oldest of these calls was answered: eDRV's webhooks do not reach
         the bridge, which then learns nothing of refusals, or of sessions starting and ending, but by listing."""
         since = min(r.updated_at for r in rows)
         if self.last_webhook_at is not None and self.last_webhook_at >= since:
             return False
+        if self.readiness.raised(Reason.WEBHOOKS_SILENT):
+            return True  # its detail already says why (refused signatures, say)
         last = iso(self.last_webhook_at) if self.last_webhook_at else "the bridge started"
         self.readiness.raise_(Reason.WEBHOOKS_SILENT, (
             f"no webhook from eDRV since {last}, and {len(rows)} call(s) eDRV accepted had no outcome within "

@@ -8,7 +8,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from dr_bridge.rig import API_KEY, Rig, StationSpec
+from dr_bridge.rig import API_KEY, WEBHOOK_SECRET_ENV, Rig, StationSpec
 from tests.test_restart import CLEAR, LIFT, LIMIT, TARGETS, calls, registered, soon, spawn, until  # noqa: F401
 
 pytestmark = pytest.mark.slow
@@ -123,3 +123,18 @@ async def test_edrv_out_of_reach_for_long_is_not_ready_until_it_answers(rig, tmp
     rig.sim.faults.update(error_rate=0.0)
     await until(lambda: "eDRV unreachable" not in reasons(rig), 20, child, "readiness to clear")
     assert len(error_lines(child, "eDRV unreachable")) == 1, child.stderr()
+
+
+async def test_webhooks_refused_for_their_signature_are_an_alarm(tmp_path, spawn, monkeypatch):  # noqa: F811
+    r = Rig(tmp_path, [StationSpec("A")], edrv_options={"action_timeout_s": 1}, webhook_secret="edrvs-secret")
+    monkeypatch.setenv(WEBHOOK_SECRET_ENV, "an-old-secret")  # rotated in eDRV, not in the bridge's environment
+    await r.start(webhooks=True)
+    try:
+        child = await spawn("run", "--config", str(r.write_config(tmp_path / "dr-bridge.toml")))
+        await registered(r, 1, child)
+        detail = await until(lambda: reasons(r).get("webhooks silent"), 20, child, "readiness: webhooks silent")
+        assert WEBHOOK_SECRET_ENV in detail and "refused" in detail
+        assert not_ready_metric(r, "webhooks_silent") == 1
+        assert len(error_lines(child, "webhooks silent")) == 1, child.stderr()
+    finally:
+        await r.stop()
