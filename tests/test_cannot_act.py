@@ -94,9 +94,12 @@ async def test_edrv_refusing_the_key_is_an_alarm_and_an_opt_out_until_it_accepts
     refusing = await until(lambda: reasons(rig).get("eDRV refusing"), 15, child, "readiness: eDRV refusing")
     assert "DR_BRIDGE_RIG_KEY" in refusing and "restart" in refusing
     assert not_ready_metric(rig, "edrv_refusing") == 1
-    opts = await until(lambda: [o for o in rig.vtn.opts if o["event_id"] == event_id] if len(
-        [o for o in rig.vtn.opts if o["event_id"] == event_id]) >= 2 else None, 15, child, "opt-outs at the VTN")
-    assert sorted((o["opt_type"], o["opt_reason"], tuple(o["resource_ids"])) for o in opts) == [
+
+    def opts() -> list[dict]:
+        return [o for o in rig.vtn.opts if o["event_id"] == event_id]
+
+    await until(lambda: len(opts()) >= 2, 15, child, "opt-outs at the VTN")
+    assert sorted((o["opt_type"], o["opt_reason"], tuple(o["resource_ids"])) for o in opts()) == [
         ("optOut", "outageRunStatus", ("A",)), ("optOut", "outageRunStatus", ("S",))]
     assert now() < start, "too slow to show that the refusal is found before the event starts"
     await until(lambda: now() > start + timedelta(seconds=2), 20, child, "the event to start")
