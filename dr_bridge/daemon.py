@@ -85,8 +85,7 @@ class Bridge:
         if histogram is None:  # labels() validates and locks on every call: look each pair up once
             histogram = self._latency[(op, outcome)] = self.metrics.edrv_latency.labels(op=op, outcome=outcome)
         histogram.observe(latency_s)
-        if outcome == "ok":
-            self.engine.last_edrv_ok = utcnow()
+        self.engine.observe_edrv(op, outcome)
 
     def claim_stations(self) -> None:
         """Two bridges limiting one station unawares would undo each other's limits and restores: refuse,

@@ -52,6 +52,7 @@ class _Slot:
     changed: asyncio.Event | None = None
     ended: bool = False
     rejections: int = 0  # rejected limit calls for the current desired limit
+    resent_unanswered: bool = False  # the current desired state was sent again once after going unanswered
     clear_refused: bool = False  # this session's station refused a clear: restore with set max instead
     since: float = 0.0  # monotonic time the desired state last changed
     armed: tuple[Desired, int] | None = None  # an armed limit taken up, and its action row (not yet sent)
@@ -229,6 +230,7 @@ class Dispatcher:
         if slot.desired != desired:
             if slot.desired is None or slot.desired.key != desired.key:
                 slot.rejections = 0
+                slot.resent_unanswered = False
             slot.desired = desired
             slot.since = time.monotonic()
             slot.changed.set()
@@ -262,16 +264,23 @@ class Dispatcher:
         slot.applied = None
         self._start(session_id)
 
-    def unanswered(self, session_id: str, purpose: str, key: object) -> None:
-        """No outcome webhook in time: a limit counts as refused; a restore is simply sent again."""
-        if purpose == "limit":
-            self.refused_later(session_id, purpose, key)
-            return
+    def unanswered(self, session_id: str, purpose: str, key: object) -> bool:
+        """No outcome webhook in time for a call eDRV accepted (HTTP 2xx). Not a refusal: nothing eDRV offers
+        says whether the charger holds it (a session read has no limit field), and when eDRV's webhooks stop,
+        every call goes unanswered. Sent once more, in case it was lost on its way; unanswered again, it is
+        taken as done, not re-sent in a loop. True when it is sent again."""
         slot = self._slots.get(session_id)
-        if slot is not None and slot.desired is not None and slot.desired.kind == "restore":
-            if slot.applied == RESTORED and not slot.ended:
-                self._still_limited(session_id)
-            self.forget(session_id)
+        if slot is None or slot.ended or slot.desired is None or slot.resent_unanswered:
+            return False
+        if purpose == "limit" and (slot.desired.kind != "limit" or slot.desired.key != key):
+            return False  # an answer to something no longer wanted
+        if purpose == "restore" and slot.desired.kind != "restore":
+            return False
+        slot.resent_unanswered = True
+        if purpose == "restore" and slot.applied == RESTORED:
+            self._still_limited(session_id)
+        self.forget(session_id)
+        return True
 
     def _still_limited(self, session_id: str) -> None:
         """A restore that eDRV accepted (HTTP 2xx) did not take at the charger: the session is limited again

@@ -24,6 +24,7 @@ from dr_bridge.domain import ACTIVE, CANCELLED, COMPLETED, PENDING, Cap, Event, 
 from dr_bridge.edrv.errors import EdrvError
 from dr_bridge.edrv.models import Session
 from dr_bridge.edrv.webhooks import Envelope, action_status
+from dr_bridge.edrvwatch import EdrvWatch
 from dr_bridge.eventlog import event_from_json, event_to_json, iso
 from dr_bridge.fleet import Fleet
 from dr_bridge.health import Readiness, Reason
@@ -47,6 +48,8 @@ ARM_LAPSE_S = 10.0  # how long after its interval start a limit armed for it wai
 FOLLOW_UP_S = 5.0  # the longest the fresh listing after such a boundary waits for its limits to go out
 RESOLVE_WAIT_S = 1.0  # the longest a pass waits for eDRV to say what kind a station is (see Fleet.resolve_all)
 SHARE_RECHECK_S = 1.0  # after this bridge's wish for a shared station changed, it looks at the others' again
+# The reason of the opt-outs the bridge reports while eDRV refuses it (outageRunStatus, until eDRV accepts again).
+REFUSED_OPT_OUT = "eDRV refuses the bridge's API key (HTTP 401/403): it can neither limit nor restore"
 
 
 @dataclass
@@ -93,7 +96,13 @@ class Engine:
         self.dry_dispatcher = Dispatcher(None, store, journal=self.journal, dry_only=True)
         self.scheduler = AsyncIOScheduler(timezone="UTC")
         self.last_edrv_ok: datetime | None = None
+        self.edrv = EdrvWatch(self.readiness, key_env=cfg.edrv.api_key_env, base_url=cfg.edrv.base_url,
+                              unreachable_after_s=cfg.edrv.reconcile_interval_s)
+        self._refusal_marks = False  # opt-outs stand that were reported because eDRV refused the bridge
         self.webhooks_seen = False  # outcome timeouts only mean something once eDRV's webhooks reach us
+        self.last_webhook_at: datetime | None = None
+        self._refused_since: datetime | None = None  # webhooks refused for their signature, none accepted since
+        self._tasks: set[asyncio.Task] = set()
         self._dirty = asyncio.Event()
         self._full = False  # the next pass looks at every station and lists running sessions
         self._only: set[str] = set()  # otherwise, the stations a webhook told us about
@@ -119,6 +128,7 @@ class Engine:
             live = LiveEvent(ev, row.offset_s, row.opt or OPT_OUT, row.opt_reason or "", row.status, row.dry_run,
                              {s.id for s in select_stations(ev, list(self.fleet.stations.values()), self.ven_id)})
             live.opted_out, live.offline = self._resource_opt_outs(ev.event_id)
+            self._refusal_marks |= any(self._refusal_opt_outs(ev.event_id))
             self.events[ev.event_id] = live
             log.info("resuming event %s (%s, modification %d)", ev.event_id, row.status, ev.modification_number)
         for st in self.store.session_states(limited_only=True):
@@ -140,6 +150,8 @@ class Engine:
         check_s = max(0.5, min(10.0, self.cfg.edrv.action_timeout_s / 4))
         self.scheduler.add_job(self._expire_unanswered, "interval", seconds=check_s, id="action-timeouts",
                                replace_existing=True)
+        self.scheduler.add_job(self._check_edrv, "interval", seconds=self.cfg.edrv.reconcile_interval_s,
+                               id="edrv-check", replace_existing=True)
         self.scheduler.add_job(self._prune, "interval", hours=1, id="retention", replace_existing=True,
                                next_run_time=self.clock())
         # Opt-outs the operator recorded while the bridge was stopped, before the first pass: otherwise it
@@ -336,6 +348,8 @@ class Engine:
         self._schedule(live)
         if live.acting:
             self.fleet.start_resolving(sorted(live.station_ids))  # long before the boundary needs them, if we can
+            if self.edrv.refusing:
+                self._spawn(self._opt_out_refused([live]))
         self.kick()
         return opt, reason
 
@@ -753,6 +767,8 @@ class Engine:
     # --- what eDRV tells us by webhook ----------------------------------------------------------------
     async def on_webhook(self, env: Envelope) -> None:
         self.webhooks_seen = True
+        self.last_webhook_at, self._refused_since = utcnow(), None
+        self.readiness.clear(Reason.WEBHOOKS_SILENT, "eDRV's webhooks arrive again")
         kind = env.type
         if kind.startswith(("session.set_power_limit.", "session.clear_power_limit.")):
             self._action_outcome(env)
@@ -857,6 +873,11 @@ class Engine:
             live.offline.add(station.resource_id)
 
     async def _expire_unanswered(self) -> None:
+        """Calls eDRV accepted (HTTP 2xx) whose outcome webhook has not come in time. No answer is not a
+        refusal: when eDRV's webhooks stop (the endpoint disabled, a proxy down) every call goes unanswered,
+        and counting them refused would opt the whole fleet out. Nor can eDRV be asked: a session read shows
+        no limit. So each is sent once more, in case it was lost on its way, and otherwise taken as done;
+        when no webhook at all has come since, the webhooks are silent, and readiness says so."""
         if not self.webhooks_seen:
             return
         timeout_s = self.cfg.edrv.action_timeout_s
@@ -869,17 +890,54 @@ class Engine:
         # stop during a large event, thousands of calls expire together, one commit each would stall the loop.
         ids = {r.id for r in rows}
         self._expiring |= ids
-        detail = f"no outcome from the charger within {timeout_s:g} s"
-        done = self.journal.submit(*(("update_action", r.id, {"status": "failed", "detail": detail}) for r in rows))
+        detail = f"no outcome from the charger within {timeout_s:g} s: taken as done (eDRV accepted the call)"
+        done = self.journal.submit(*(("update_action", r.id, {"status": "unanswered", "detail": detail})
+                                     for r in rows))
         done.add_done_callback(lambda _: self._expiring.difference_update(ids))
+        silent = self._webhooks_silent(rows, timeout_s)
+        again = sum(1 for row in rows if self._unanswered(row))
         examples = ", ".join(f"{r.kind} on session {r.session_id}" for r in rows[:5])
-        log.warning("no outcome within %g s for %d call(s), counted as failed: %s%s", timeout_s, len(rows), examples,
-                    ", ..." if len(rows) > 5 else "")
-        for row in rows:
-            if row.purpose == "restore" and not self.dispatcher.known(row.session_id):
-                self._restore_again(row.session_id, row.chargestation_id, row.event_id, "its restore went unanswered")
-            else:
-                self.dispatcher.unanswered(row.session_id, row.purpose, (row.unit, row.limit))
+        # While the webhooks are silent, readiness has said why in one ERROR; each batch is only news.
+        log.log(logging.INFO if silent else logging.WARNING,
+                "no outcome within %g s for %d call(s), not counted as refused: %d sent once more, the rest taken "
+                "as done: %s%s", timeout_s, len(rows), again, examples, ", ..." if len(rows) > 5 else "")
+
+    def _unanswered(self, row) -> bool:
+        """One unanswered call; True when it is sent again."""
+        if row.purpose == "restore" and not self.dispatcher.known(row.session_id):
+            self._restore_again(row.session_id, row.chargestation_id, row.event_id, "its restore went unanswered")
+            return True
+        return self.dispatcher.unanswered(row.session_id, row.purpose, (row.unit, row.limit))
+
+    def webhook_refused(self, reason: str) -> None:
+        """A webhook refused for its signature. Anyone can post to the endpoint, so one proves nothing; but
+        refused ones that keep coming for an outcome timeout, none accepted meanwhile, mean that the bridge's
+        webhook secret is not eDRV's, and the bridge hears nothing from eDRV."""
+        now = utcnow()
+        if self._refused_since is None:
+            self._refused_since = now
+        elif (now - self._refused_since).total_seconds() >= self.cfg.edrv.action_timeout_s:
+            self.readiness.raise_(Reason.WEBHOOKS_SILENT, (
+                f"eDRV's webhooks reach the bridge but are refused since {iso(self._refused_since)} ({reason}): "
+                f"{self.cfg.edrv.webhook_secret_env or 'the webhook secret'} must hold the signing secret eDRV "
+                f"shows for this webhook endpoint. Meanwhile the bridge hears no charger's answer, and finds "
+                f"sessions starting or ending only by listing"))
+
+    def _webhooks_silent(self, rows, timeout_s: float) -> bool:
+        """No webhook of any kind since the oldest of these calls was answered: eDRV's webhooks do not reach
+        the bridge, which then learns nothing of refusals, or of sessions starting and ending, but by listing."""
+        since = min(r.updated_at for r in rows)
+        if self.last_webhook_at is not None and self.last_webhook_at >= since:
+            return False
+        if self.readiness.raised(Reason.WEBHOOKS_SILENT):
+            return True  # its detail already says why (refused signatures, say)
+        last = iso(self.last_webhook_at) if self.last_webhook_at else "the bridge started"
+        self.readiness.raise_(Reason.WEBHOOKS_SILENT, (
+            f"no webhook from eDRV since {last}, and {len(rows)} call(s) eDRV accepted had no outcome within "
+            f"{timeout_s:g} s: check in eDRV that the webhook endpoint is enabled and points at this bridge's "
+            f"{self.cfg.http.webhook_path}, and any proxy in between. Meanwhile calls are taken as done, not "
+            f"refused, and sessions are found by listing every {self.cfg.edrv.reconcile_interval_s:g} s"))
+        return True
 
     def _restore_again(self, session_id: str, station_id: str, event_id: str | None, why: str) -> None:
         """A restore that did not take, for a session this run has not dispatched: eDRV accepted it before a
@@ -928,6 +986,80 @@ class Engine:
             return Reason.RESTORES_OVERDUE, (f"{len(overdue)} session(s) still limited after their restore was due: "
                                              f"{', '.join(overdue[:5])}{' ...' if len(overdue) > 5 else ''}")
         return None
+
+    # --- eDRV refusing or out of reach ------------------------------------------------------------------
+    def observe_edrv(self, op: str, outcome: str) -> None:
+        """Every eDRV call's outcome (the client's on_call hook): can the bridge still act through eDRV?"""
+        if outcome == "ok":
+            self.last_edrv_ok = utcnow()
+        if self.edrv.observe(op, outcome) == "refusing":
+            self._spawn(self._opt_out_refused(list(self.events.values())))
+        elif self._refusal_marks and not self.edrv.refusing and outcome in ("ok", "not_found", "rejected"):
+            self._accepted_again()
+
+    async def _check_edrv(self) -> None:
+        """Ask eDRV one small thing when nothing else has for a reconcile interval, so that a key revoked
+        between events shows (in readiness, and to the VTN) before the next event starts, not at its start."""
+        self.edrv.check_reach()
+        if self.client is None or not self.fleet.stations:
+            return
+        last = self.edrv.last_call
+        if last is not None and time.monotonic() - last < self.cfg.edrv.reconcile_interval_s:
+            return
+        try:
+            await self.client.get_chargestation(next(iter(self.fleet.stations)))
+        except EdrvError:
+            pass  # its outcome reached observe_edrv like any other call's
+
+    async def _opt_out_refused(self, lives: list[LiveEvent]) -> None:
+        """eDRV refuses the bridge: the resources of these events, active or pending, are reported to the VTN
+        as opted out (outageRunStatus) rather than left opted in and idle, until eDRV accepts again."""
+        for live in lives:
+            if live.dry or not live.acting or live.status not in (PENDING, ACTIVE) or live.event.cancelled:
+                continue
+            ev = live.event
+            resources = sorted({self.fleet.stations[sid].resource_id for sid in live.station_ids} - live.opted_out)
+            for resource_id in resources:
+                live.opted_out.add(resource_id)
+                live.offline.add(resource_id)  # opted out only until eDRV accepts again
+                self.store.add_opt_out(OptOutRow(event_id=ev.event_id, modification_number=ev.modification_number,
+                                                 resource_id=resource_id, reason=REFUSED_OPT_OUT,
+                                                 opt_reason="outageRunStatus", source="automatic", applied=True))
+            if resources:
+                self._refusal_marks = True
+                log.warning("event %s (%s): %d resource(s) reported to the VTN as opted out while eDRV refuses "
+                            "the bridge: %s", ev.event_id, live.status, len(resources), ", ".join(resources))
+        self.kick()
+
+    def _refusal_opt_outs(self, event_id: str) -> list[OptOutRow]:
+        return [o for o in self.store.opt_outs(event_id)
+                if is_outage(o) and o.window_end is None and o.reason == REFUSED_OPT_OUT]
+
+    def _accepted_again(self) -> None:
+        """eDRV accepts the bridge again: the resources opted out meanwhile are limited again in the events
+        still running, as after a station outage. Their opt-out stands at the VTN: for part of the event the
+        bridge could not act, and the event log keeps when that ended."""
+        self._refusal_marks = False
+        back = utcnow()
+        offline = {self.fleet.stations[sid].resource_id for sid in self._offline if sid in self.fleet.stations}
+        resumed = 0
+        for live in self.events.values():
+            for row in self._refusal_opt_outs(live.event.event_id):
+                self.store.update_opt_out(row.id, window_start=row.at, window_end=back,
+                                          reason=f"{row.reason}; accepted again {iso(back)}")
+                if row.resource_id in live.offline and row.resource_id not in offline:
+                    live.offline.discard(row.resource_id)
+                    live.opted_out.discard(row.resource_id)
+                    resumed += 1
+        if resumed:
+            log.info("eDRV accepts the bridge again: %d resource(s) limited again in the events still running",
+                     resumed)
+        self.kick()
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # --- opt-outs ----------------------------------------------------------------------------------------
     async def _noncompliant(self, session_id: str, station: Station, event_id: str | None, reason: str,

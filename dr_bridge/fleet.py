@@ -13,7 +13,7 @@ from dataclasses import replace
 from functools import partial
 
 from dr_bridge.domain import Station
-from dr_bridge.edrv.errors import EdrvError
+from dr_bridge.edrv.errors import EdrvAuthError, EdrvError
 from dr_bridge.edrv.models import Session
 
 log = logging.getLogger("dr_bridge.fleet")
@@ -36,6 +36,9 @@ class Fleet:
         try:
             # One paginated listing filtered here, rather than one query per station on every pass.
             sessions = await self.client.list_running_sessions(None if len(station_ids) > 4 else station_ids)
+        except EdrvAuthError as exc:  # readiness says it once, with what to do; this comes every pass
+            log.debug("could not list running sessions (%s); using the last known list", exc)
+            return None
         except EdrvError as exc:
             log.warning("could not list running sessions (%s); using the last known list", exc)
             return None

@@ -20,6 +20,7 @@ log = logging.getLogger("dr_bridge.health")
 class Reason(StrEnum):
     NOT_REGISTERED = "not registered"
     EDRV_REFUSING = "eDRV refusing"
+    EDRV_UNREACHABLE = "eDRV unreachable"
     WEBHOOKS_SILENT = "webhooks silent"
     RESTORES_OVERDUE = "restores overdue"
     DATABASE_UNREACHABLE = "database unreachable"

@@ -116,6 +116,8 @@ class HttpServer:
                             self.bridge.engine.cfg.bridge.readings_retention_days * 86400)
         except BadWebhook as exc:
             log.warning("webhook from %s refused (%d): %s", peer, exc.status, exc.reason)
+            if exc.status == 401:
+                self.bridge.engine.webhook_refused(exc.reason)
             return web.Response(status=exc.status)
         # Stored (committed) before eDRV hears 200, so a crash loses nothing; group-committed with everything
         # else in flight, as energy reports alone come every 30-60 s per session.

@@ -489,7 +489,7 @@ class Store:
         webhooks stop during a large event, thousands at once, read on the event loop."""
         t = ActionRow.__table__
         q = (sa.select(t.c.id, t.c.kind, t.c.session_id, t.c.chargestation_id, t.c.event_id, t.c.purpose, t.c.unit,
-                       t.c.limit)
+                       t.c.limit, t.c.updated_at)
              .where(t.c.bridge == self.bridge, t.c.status == "requested", t.c.updated_at < before)
              .order_by(t.c.id))
         with self.engine.connect() as conn:

@@ -74,7 +74,7 @@ def print_event_detail(console: Console, d: dict[str, Any], all_rows: bool = Fal
     print_performance(console, d["performance"])
 
 
-OUTCOMES = ("accepted", "requested", "planned", "dry_run", "rejected", "failed", "skipped")
+OUTCOMES = ("accepted", "requested", "unanswered", "planned", "dry_run", "rejected", "failed", "skipped")
 
 
 def print_calls(console: Console, actions: list[dict[str, Any]]) -> None:

@@ -214,17 +214,27 @@ async def test_readings_in_both_unit_styles_are_stored_as_kw_and_metrics_parse(r
 
 
 @pytest.mark.parametrize("rig", [{"stations": [StationSpec("A")], "edrv": {"action_timeout_s": 1}}], indirect=True)
-async def test_unanswered_limits_fail_are_resent_then_non_compliant(rig, bridge):
+async def test_unanswered_limits_are_sent_once_more_then_taken_as_done_not_refused(rig, bridge):
+    """No answer is not a refusal: the limit is sent once more, then taken as held; the station is not
+    reported non-compliant, and readiness says the webhooks are silent until they come back."""
+    from dr_bridge.health import Reason
+
     await wait_for(lambda: bridge.engine.webhooks_seen, 10)
     s = soon(2)
     event_id = rig.vtn.add_event(bridge.ven.ven_id, intervals=[(s, timedelta(seconds=60), 2)])
     await wait_for(lambda: rig.vtn.responses, 10)
     rig.sim.faults.update(drop_webhook_rate=1.0)  # the charger never answers
-    await wait_for(lambda: bridge.store.opt_outs(event_id), 25)
-    await bridge.engine.journal.flush()  # the last call's "failed" mark is group-committed, a moment behind
-    limits = [a for a in bridge.store.actions(event_id) if a.purpose == "limit"]
-    assert len(limits) == 1 + bridge.cfg.edrv.limit_retries
-    assert all(a.status == "failed" and "no outcome" in a.detail for a in limits)
+
+    def limits():
+        return [a for a in bridge.store.actions(event_id) if a.purpose == "limit"]
+
+    await wait_for(lambda: len(limits()) == 2 and all(a.status == "unanswered" for a in limits()), 25)
+    assert Reason.WEBHOOKS_SILENT in bridge.readiness.not_ready()
+    await asyncio.sleep(4)  # four more timeouts: nothing more is sent
+    assert len(limits()) == 2 and all("no outcome" in a.detail for a in limits())
+    assert bridge.store.opt_outs(event_id) == []
+    rig.sim.faults.update(drop_webhook_rate=0.0)
+    await wait_for(lambda: Reason.WEBHOOKS_SILENT not in bridge.readiness.not_ready(), 10)
 
 
 @pytest.mark.parametrize("rig", [{"stations": [StationSpec("A")], "edrv": {"action_timeout_s": 1}}], indirect=True)
@@ -238,7 +248,7 @@ async def test_an_outcome_arriving_after_its_timeout_still_counts(rig, bridge):
     def limits():
         return [a for a in bridge.store.actions(event_id) if a.purpose == "limit"]
 
-    first, *_ = await wait_for(lambda: [a for a in limits() if a.status == "failed"], 15)
+    first, *_ = await wait_for(lambda: [a for a in limits() if a.status == "unanswered"], 15)
     assert "no outcome" in first.detail
     await wait_for(lambda: len(limits()) >= 2, 10)  # sent again
     rig.sim.faults.update(drop_webhook_rate=0.0)
