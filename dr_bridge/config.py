@@ -126,6 +126,9 @@ class EdrvSection(_Section):
     request_timeout_s: float = Field(10.0, gt=0)
     limit_retries: int = Field(3, ge=0)
     retry_backoff_s: float = Field(1.0, gt=0, le=60)  # first wait before re-sending a failed call; doubles
+    # The longest a limit or a restore waits before it is sent again, whatever eDRV's Retry-After asks for:
+    # a restore deferred by the header alone could leave a fleet limited for an hour after its event.
+    max_retry_after_s: float = Field(30.0, gt=0, le=600)
     action_timeout_s: float = Field(60.0, gt=0)
     reconcile_interval_s: float = Field(60.0, gt=0)
 

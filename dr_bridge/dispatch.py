@@ -75,7 +75,7 @@ class Dispatcher:
     no client at all and persists no session state."""
 
     def __init__(self, client, store: Store, *, limit_retries: int = 3, backoff_s: float = 1.0,
-                 backoff_max_s: float = 60.0, on_noncompliant: NonCompliant | None = None,
+                 backoff_max_s: float = 60.0, max_wait_s: float = 30.0, on_noncompliant: NonCompliant | None = None,
                  journal: Journal | None = None, dry_only: bool = False):
         self.client = client
         self.dry_only = dry_only
@@ -84,6 +84,9 @@ class Dispatcher:
         self.limit_retries = limit_retries
         self.backoff_s = backoff_s
         self.backoff_max_s = backoff_max_s
+        # Every wait before a limit or a restore is sent again is at most this (edrv.max_retry_after_s),
+        # whatever eDRV's Retry-After or the backoff would make it.
+        self.max_wait_s = max_wait_s
         self.on_noncompliant = on_noncompliant
         self._slots: dict[str, _Slot] = {}
         self._armed: dict[str, _Armed] = {}
@@ -483,6 +486,11 @@ class Dispatcher:
                 action = await send()
             except EdrvRateLimited as exc:
                 delay = exc.retry_after if exc.retry_after is not None else self._backoff(attempts)
+                if delay > self.max_wait_s:
+                    log.warning("eDRV rate-limits session %s and asks for %.0f s; the %s is sent again in %g s "
+                                "(edrv.max_retry_after_s)", session_id, delay,
+                                "restore" if want.kind == "restore" else "limit", self.max_wait_s)
+                    delay = self.max_wait_s
                 await self._update(action_id, pending, attempts=attempts,
                                    detail=f"rate limited; retry in {delay:.1f}s")
                 await self._wait(slot, delay)
@@ -531,12 +539,13 @@ class Dispatcher:
 
     def _backoff(self, n: int) -> float:
         base = min(self.backoff_max_s, self.backoff_s * 2 ** max(0, n - 1))
-        return base * random.uniform(0.8, 1.2)
+        return min(self.max_wait_s, base * random.uniform(0.8, 1.2))
 
     async def _wait(self, slot: _Slot, seconds: float) -> None:
-        """Sleep, but wake as soon as a newer desired state arrives (or forget() asks to send again now)."""
+        """Sleep, but wake as soon as a newer desired state arrives (or forget() asks to send again now).
+        Never longer than max_wait_s: this is the wait before a limit or restore is sent again."""
         try:
-            await asyncio.wait_for(slot.changed.wait(), timeout=max(0.0, seconds))
+            await asyncio.wait_for(slot.changed.wait(), timeout=min(self.max_wait_s, max(0.0, seconds)))
         except asyncio.TimeoutError:
             pass
         # Woken once: the callers look at the desired state itself. Left set, every later wait of this worker

@@ -86,7 +86,8 @@ class Engine:
         self.events: dict[str, LiveEvent] = {}
         self.journal = Journal(store)  # the group commit shared by dispatch and webhooks
         self.dispatcher = Dispatcher(client, store, limit_retries=cfg.edrv.limit_retries,
-                                     backoff_s=cfg.edrv.retry_backoff_s, on_noncompliant=self._noncompliant,
+                                     backoff_s=cfg.edrv.retry_backoff_s, max_wait_s=cfg.edrv.max_retry_after_s,
+                                     on_noncompliant=self._noncompliant,
                                      journal=self.journal)
         # What dry runs and logged test events would do: kept apart, so a logged limit never stands in for
         # one that eDRV holds (nor a logged restore for a real one). It has no eDRV client to call.
