@@ -129,7 +129,7 @@ class EdrvSimulator:
     def __init__(self, api_key: str = "sim-key", *, webhook_url: str | None = None,
                  webhook_secret: str | None = None, signature_style: Literal["v1", "sha256"] = "v1",
                  seed: int = 0, ev_delay_s: float = 2.0, report_interval_s: float = 5.0,
-                 page_size_max: int = 1000, outcome_delay_s: float = 0.05,
+                 page_size_max: int = 1000, page_flags: bool = True, outcome_delay_s: float = 0.05,
                  ignore_session_filters: bool = False,
                  status_case: Literal["title", "lower", "upper"] = "title") -> None:
         self.api_key = api_key
@@ -138,7 +138,8 @@ class EdrvSimulator:
         self.signature_style = signature_style
         self.ev_delay_s = ev_delay_s
         self.report_interval_s = report_interval_s
-        self.page_size_max = page_size_max
+        self.page_size_max = page_size_max  # eDRV serves at most this many items a page, whatever is asked
+        self.page_flags = page_flags  # list responses carry hasNext/hasPrevious, as eDRV's v1 lists did
         self.outcome_delay_s = outcome_delay_s  # the charge point's answer trails the .requested webhook
         self.ignore_session_filters = ignore_session_filters  # pretend eDRV ignores ?status=&chargestation=
         self.status_case = status_case  # eDRV's docs show both "Started" and "started"
@@ -524,8 +525,8 @@ class EdrvSimulator:
         except ValueError:
             raise _Reject(400, "paginate_limit and paginate_page must be integers") from None
         chunk = [to_json(item) for item in items[(page - 1) * limit: page * limit]]
-        return web.json_response({"ok": True, "message": "", "result": chunk,
-                                  "hasNext": page * limit < len(items), "hasPrevious": page > 1})
+        flags = {"hasNext": page * limit < len(items), "hasPrevious": page > 1} if self.page_flags else {}
+        return web.json_response({"ok": True, "message": "", "result": chunk, **flags})
 
     def _station(self, request: web.Request) -> _Station:
         station = self._stations.get(request.match_info["id"])
