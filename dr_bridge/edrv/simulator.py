@@ -129,7 +129,8 @@ class EdrvSimulator:
     def __init__(self, api_key: str = "sim-key", *, webhook_url: str | None = None,
                  webhook_secret: str | None = None, signature_style: Literal["v1", "sha256"] = "v1",
                  seed: int = 0, ev_delay_s: float = 2.0, report_interval_s: float = 5.0,
-                 page_size_max: int = 1000, page_flags: bool = True, outcome_delay_s: float = 0.05,
+                 page_size_max: int = 1000, page_flags: bool = True, report_is_simulator: bool = True,
+                 outcome_delay_s: float = 0.05,
                  ignore_session_filters: bool = False,
                  status_case: Literal["title", "lower", "upper"] = "title") -> None:
         self.api_key = api_key
@@ -140,6 +141,7 @@ class EdrvSimulator:
         self.report_interval_s = report_interval_s
         self.page_size_max = page_size_max  # eDRV serves at most this many items a page, whatever is asked
         self.page_flags = page_flags  # list responses carry hasNext/hasPrevious, as eDRV's v1 lists did
+        self.report_is_simulator = report_is_simulator  # chargestations carry is_simulator (newer eDRV docs only)
         self.outcome_delay_s = outcome_delay_s  # the charge point's answer trails the .requested webhook
         self.ignore_session_filters = ignore_session_filters  # pretend eDRV ignores ?status=&chargestation=
         self.status_case = status_case  # eDRV's docs show both "Started" and "started"
@@ -371,9 +373,10 @@ class EdrvSimulator:
     def _station_json(self, station: _Station) -> dict[str, Any]:
         busy = {s.connector_id for s in self._sessions.values() if s.station_id == station.id and s.ended is None}
         power_kw = round(station.max_current * station.voltage * station.phases / 1000.0, 1)
+        kind = {"is_simulator": station.simulator} if self.report_is_simulator else {}
         return {
             "_id": station.id, "protocol": station.protocol, "online": station.online, "active": True,
-            "public": False, "is_simulator": station.simulator, "model": "dr-bridge-sim",
+            "public": False, **kind, "model": "dr-bridge-sim",
             "endpoint": f"sim-{station.id[-6:]}",
             "connectors": [{"_id": c, "chargestation": station.id, "active": True, "type": "Type2",
                             "format": "SOCKET", "power": power_kw,
