@@ -61,6 +61,9 @@ class BridgeSection(_Section):
     below_min: domain.BelowMin = "min"
     max_event_hours: float = Field(24.0, gt=0)
     restore_spread_s: float = Field(0.0, ge=0)
+    # The longest the restore after an event is spread over, whatever recovery period the utility sends:
+    # the last session of a spread stays limited until the end plus this.
+    max_restore_spread_s: float = Field(3600.0, ge=0, le=86400)
     cap_sharing: Literal["equal", "energy_need"] = "equal"  # energy_need: weight by the kWh a session still wants
     baseline_minutes: float = Field(15.0, ge=0)
     readings_retention_days: float = Field(30.0, gt=0)  # power readings and processed webhooks kept this long
@@ -71,6 +74,12 @@ class BridgeSection(_Section):
         if "://" not in url:
             raise ValueError("must be a database URL such as sqlite:///dr-bridge.db or postgresql+psycopg://...")
         return url
+
+    @model_validator(mode="after")
+    def _spread_within_its_maximum(self) -> BridgeSection:
+        if self.restore_spread_s > self.max_restore_spread_s:
+            raise _problem("restore_spread_s", f"must be at most max_restore_spread_s ({self.max_restore_spread_s:g})")
+        return self
 
 
 class VtnSection(_Section):

@@ -383,3 +383,12 @@ def test_a_long_max_retry_after_s_is_warned_about(tmp_path: Path):
     assert result.exit_code == 0, result.output
     assert result.stderr.startswith("warning: 300 s: a restore eDRV rate-limits (429) after an event may wait")
     assert load_config(write(tmp_path, BASE, "default.toml")).edrv.max_retry_after_s == 30
+
+
+def test_restore_spread_s_must_fit_within_max_restore_spread_s(tmp_path: Path):
+    path = write(tmp_path, BASE.replace('below_min = "min"',
+                                        'below_min = "min"\nrestore_spread_s = 600\nmax_restore_spread_s = 300'))
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    assert str(raised.value) == f"{path}: bridge.restore_spread_s: must be at most max_restore_spread_s (300)"
+    assert load_config(write(tmp_path, BASE, "default.toml")).bridge.max_restore_spread_s == 3600

@@ -1,8 +1,10 @@
-"""eDRV's Retry-After never holds a limit or a restore longer than edrv.max_retry_after_s.
+"""No wait defers a limit or a restore without bound: eDRV's Retry-After is followed up to
+edrv.max_retry_after_s, and the utility's recovery period spreads restores over bridge.max_restore_spread_s
+at most.
 
 A 429 asking for an hour at an event's start would miss the event; at its end it would leave the charger
 limited for that hour. `dr-bridge run` in its own process against the eDRV simulator, which answers the
-chosen call 429 with `Retry-After: 3600`.
+chosen call 429 with `Retry-After: 3600`, and the openleadr VTN, which asks for an hour's recovery.
 """
 from __future__ import annotations
 
@@ -70,3 +72,30 @@ async def test_an_hour_of_retry_after_defers_a_call_only_max_retry_after_s(rig, 
     assert await bridge.wait(20) == 0
     log = bridge.stderr()
     assert "asks for 3600 s" in log and "edrv.max_retry_after_s" in log, log[-3000:]
+
+
+async def test_an_hour_of_recovery_spreads_the_restores_over_max_restore_spread_s(tmp_path, spawn):  # noqa: F811
+    rig = Rig(tmp_path, [StationSpec("A", sessions=3)], bridge_options={"max_restore_spread_s": 3})
+    await rig.start()
+    try:
+        bridge = await spawn("run", "--config", str(rig.write_config(tmp_path / "dr-bridge.toml")))
+        ven_id = await registered(rig, 1, bridge)
+        start, length = soon(2), 4
+        rig.vtn.add_event(ven_id, intervals=[(start, timedelta(seconds=length), 2)], targets=[{"resource_id": "A"}],
+                          recovery=timedelta(hours=1))
+        everyone = set(rig.sessions["A"])
+        await until(lambda: cleared(rig) == everyone, length + 20, bridge, "every session restored")
+        last = max(r.at for r in rig.sim.requests if r.path.endswith("clear_power_limit"))
+        assert last - (start.timestamp() + length) < 3 + 3, "a restore waited out the hour of recovery"
+        firsts = sorted(min(r.at for r in rig.sim.requests if r.path.endswith(f"{s}/clear_power_limit"))
+                        for s in everyone)
+        assert firsts[-1] - firsts[0] > 1, "still spread, over the 3 s allowed"
+        bridge.signal(signal.SIGTERM)
+        assert await bridge.wait(20) == 0
+        assert "asks for a 3600 s recovery" in bridge.stderr() and "bridge.max_restore_spread_s" in bridge.stderr()
+    finally:
+        await rig.stop()
+
+
+def cleared(rig: Rig) -> set[str]:
+    return {r.path.split("/")[3] for r in rig.sim.requests if r.path.endswith("clear_power_limit") and r.status == 201}
