@@ -240,8 +240,9 @@ class Dispatcher:
         if slot.applied != desired.key:
             self._start(session_id)
 
-    def refused_later(self, session_id: str, purpose: str, key: object) -> None:
-        """An outcome webhook said the charger refused a call that eDRV had accepted (HTTP 2xx)."""
+    def refused_later(self, session_id: str, purpose: str, key: object, timed_out: bool = False) -> None:
+        """An outcome webhook said the charger refused a call that eDRV had accepted (HTTP 2xx); or with
+        timed_out, none came in time."""
         slot = self._slots.get(session_id)
         if slot is None or slot.ended or slot.desired is None:
             return
@@ -250,6 +251,9 @@ class Dispatcher:
                 return  # refused a restore no longer wanted; it must not count against the new limit
             slot.clear_refused = True
             slot.rejections += 1
+            lift = self._plan(slot, slot.desired)[2]
+            if lift is not None:  # a lift in power refused: the next one goes in current
+                self._refused_power(slot.station, lift)
             if slot.applied == RESTORED:  # retry later, not in a tight loop against a refusing charger
                 slot.applied = None
                 self._still_limited(session_id)
@@ -257,6 +261,8 @@ class Dispatcher:
             return
         elif slot.desired.kind != "limit" or key not in (slot.desired.key, slot.sent):
             return  # refused something no longer wanted
+        elif not timed_out and key == slot.sent and self._refused_power(slot.station, Limit(*key)):
+            pass  # sent again at once, in current: not counted against the limit
         else:
             slot.rejections += 1
             if slot.rejections > self.limit_retries:
@@ -270,7 +276,7 @@ class Dispatcher:
     def unanswered(self, session_id: str, purpose: str, key: object) -> None:
         """No outcome webhook in time: a limit counts as refused; a restore is simply sent again."""
         if purpose == "limit":
-            self.refused_later(session_id, purpose, key)
+            self.refused_later(session_id, purpose, key, timed_out=True)
             return
         slot = self._slots.get(session_id)
         if slot is not None and slot.desired is not None and slot.desired.kind == "restore":

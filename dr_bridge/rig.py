@@ -41,8 +41,7 @@ class Rig:
     vtn_options: dict[str, Any] = field(default_factory=dict)  # extra [vtn] config keys
     ev_delay_s: float = 0.5
     report_interval_s: float = 1.0  # how often the simulator reports each session's power
-    page_size_max: int = 1000  # the most items the simulator lists a page, whatever the bridge asks for
-    report_is_simulator: bool = True  # the simulator's chargestations say whether each is an eDRV simulator
+    sim_options: dict[str, Any] = field(default_factory=dict)  # EdrvSimulator's, e.g. page_size_max
     telemetry_s: float | None = None  # the sampling interval the VTN asks for; None: it asks for no telemetry
     webhook_secret: str | None = None  # signs webhooks; the config then names WEBHOOK_SECRET_ENV
     vtn: LocalVtn | None = None
@@ -57,7 +56,7 @@ class Rig:
         webhook_url = f"http://127.0.0.1:{self.http_port}/edrv/webhooks" if webhooks else None
         self.sim = EdrvSimulator(API_KEY, webhook_url=webhook_url, ev_delay_s=self.ev_delay_s,
                                  report_interval_s=self.report_interval_s, seed=7, webhook_secret=self.webhook_secret,
-                                 page_size_max=self.page_size_max, report_is_simulator=self.report_is_simulator)
+                                 **self.sim_options)
         await self.sim.start()
         for spec in self.stations:
             sid = self.sim.add_station(simulator=spec.simulator, max_current=spec.max_current, phases=spec.phases,

@@ -15,7 +15,7 @@ SESSIONS = 250
 
 @pytest.fixture
 async def rig(tmp_path):
-    r = Rig(tmp_path, [StationSpec("A", max_current=4000, sessions=SESSIONS)], page_size_max=100)
+    r = Rig(tmp_path, [StationSpec("A", max_current=4000, sessions=SESSIONS)], sim_options={"page_size_max": 100})
     await r.start()
     try:
         yield r

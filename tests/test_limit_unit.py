@@ -17,12 +17,15 @@ from tests.test_restart import calls, registered, soon, spawn, until  # noqa: F4
 LEVEL_W = 20000  # level 2: 20 kW for the whole station
 
 
-@pytest.fixture
-async def rig(tmp_path):
+@pytest.fixture(params=["http", "webhook"])
+async def rig(tmp_path, request):
+    """The eDRV simulator station refuses power at once (HTTP 400), or accepts the call and its charger
+    refuses it (a .rejected webhook)."""
     stations = [StationSpec("DC", max_current=125, phases=1, voltage=400, limit_unit="power"),  # 50 kW DC
                 StationSpec("S", simulator=True, limit_unit="power")]  # an eDRV simulator: 32 A, 22.08 kW
-    r = Rig(tmp_path, stations, report_is_simulator=False)
-    await r.start()
+    r = Rig(tmp_path, stations, sim_options={"report_is_simulator": False, "simulator_power_refusal": request.param})
+    r.refusal = request.param
+    await r.start(webhooks=True)
     try:
         yield r
     finally:
@@ -51,7 +54,8 @@ async def test_power_while_the_kind_is_unknown_and_current_only_after_a_refusal(
     assert set_calls(rig, "DC") == [("power", LEVEL_W, 201), ("power", 50000, 201)]
     # The simulator station refuses power; the same 20 kW goes again at once in current (20000 W / 690 V,
     # floored), and its restore is its maximum current.
-    assert set_calls(rig, "S") == [("power", LEVEL_W, 400), ("current", 28.9, 201), ("current", 32, 201)]
+    refused = 400 if rig.refusal == "http" else 201
+    assert set_calls(rig, "S") == [("power", LEVEL_W, refused), ("current", 28.9, 201), ("current", 32, 201)]
     assert not [c for c in calls(rig, "DC") + calls(rig, "S") if c[0] == "clear_power_limit"]
 
     bridge.signal(signal.SIGTERM)

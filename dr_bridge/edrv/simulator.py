@@ -130,7 +130,7 @@ class EdrvSimulator:
                  webhook_secret: str | None = None, signature_style: Literal["v1", "sha256"] = "v1",
                  seed: int = 0, ev_delay_s: float = 2.0, report_interval_s: float = 5.0,
                  page_size_max: int = 1000, page_flags: bool = True, report_is_simulator: bool = True,
-                 outcome_delay_s: float = 0.05,
+                 simulator_power_refusal: Literal["http", "webhook"] = "http", outcome_delay_s: float = 0.05,
                  ignore_session_filters: bool = False,
                  status_case: Literal["title", "lower", "upper"] = "title") -> None:
         self.api_key = api_key
@@ -142,6 +142,8 @@ class EdrvSimulator:
         self.page_size_max = page_size_max  # eDRV serves at most this many items a page, whatever is asked
         self.page_flags = page_flags  # list responses carry hasNext/hasPrevious, as eDRV's v1 lists did
         self.report_is_simulator = report_is_simulator  # chargestations carry is_simulator (newer eDRV docs only)
+        # How simulator stations refuse a limit in power: HTTP 400 at once, or accepted, then a .rejected webhook
+        self.simulator_power_refusal = simulator_power_refusal
         self.outcome_delay_s = outcome_delay_s  # the charge point's answer trails the .requested webhook
         self.ignore_session_filters = ignore_session_filters  # pretend eDRV ignores ?status=&chargestation=
         self.status_case = status_case  # eDRV's docs show both "Started" and "started"
@@ -592,10 +594,11 @@ class EdrvSimulator:
         if unit not in ("current", "power") or isinstance(limit, bool) or not isinstance(limit, (int, float)) \
                 or limit < 0:
             raise _Reject(400, "Body must be {unit: 'current'|'power', limit: number >= 0}")
-        if station.simulator and unit != "current":
+        refused = station.simulator and unit != "current"
+        if refused and self.simulator_power_refusal == "http":
             raise _Reject(400, "eDRV Simulators currently only support set_power_limit with unit = current")
         limit_a = float(limit) if unit == "current" else float(limit) / (station.voltage * station.phases)
-        return self._act(session, station, "set_power_limit", {"unit": unit, "limit": limit}, limit_a)
+        return self._act(session, station, "set_power_limit", {"unit": unit, "limit": limit}, limit_a, refused)
 
     async def _clear_limit(self, request: web.Request) -> web.Response:
         session, station = self._limit_target(request)
@@ -604,7 +607,7 @@ class EdrvSimulator:
         return self._act(session, station, "clear_power_limit", {}, None)
 
     def _act(self, session: _Session, station: _Station, kind: str, data: dict[str, Any],
-             limit_a: float | None) -> web.Response:
+             limit_a: float | None, refused: bool = False) -> web.Response:
         if station.refuse == "http":
             raise _Reject(400, "Chargestation rejected the request")
         now = iso(time.time())
@@ -612,7 +615,7 @@ class EdrvSimulator:
                   "chargestation": station.id, "connector": session.connector_id, "session": session.id,
                   "data": data, "response_data": {}, "createdAt": now, "updatedAt": now}
         self._webhook("action", f"session.{kind}.requested", dict(action))
-        refused = station.refuse == "webhook"
+        refused = refused or station.refuse == "webhook"
         suffix = {("accepted", False): "accepted", ("completed", False): "completed",
                   ("accepted", True): "rejected", ("completed", True): "failed"}[(station.naming, refused)]
         outcome = {**action, "status": "failed" if refused else "completed",
