@@ -53,7 +53,7 @@ class _Slot:
     ended: bool = False
     rejections: int = 0  # rejected limit calls for the current desired limit
     clear_refused: bool = False  # this session's station refused a clear: restore with set max instead
-    sent: object = None  # (unit, value) last sent for the desired limit, when not its own (see _sendable)
+    sent: object = None  # (unit, value) sent for the desired limit: its own, or in current (see _sendable)
     since: float = 0.0  # monotonic time the desired state last changed
     armed: tuple[Desired, int] | None = None  # an armed limit taken up, and its action row (not yet sent)
 

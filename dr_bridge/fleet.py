@@ -112,6 +112,8 @@ class Fleet:
             log.warning("could not read chargestation %s (%s); treating its kind as unknown", station.id, exc)
             return station
         if cs.is_simulator is None:
+            if station.id in self._unsaid:
+                return station
             self._unsaid.add(station.id)
             log.warning("eDRV does not say whether chargestation %s is an eDRV simulator: it is sent limits in its "
                         "configured limit_unit (current where none is set), in current after a refusal; set "
