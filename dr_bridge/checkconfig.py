@@ -60,6 +60,10 @@ def config_warnings(cfg: Config) -> list[tuple[str, str]]:
         file = getattr(cfg.vtn, key)
         if file and not Path(file).is_file():
             warnings.append((f"vtn.{key}", f"file {file} does not exist"))
+    if cfg.edrv.max_retry_after_s > 120:
+        warnings.append(("edrv.max_retry_after_s",
+                         f"{_num(cfg.edrv.max_retry_after_s)} s: a restore eDRV rate-limits (429) after an event "
+                         "may wait this long each time, and its session stays limited meanwhile"))
     # A level above every configured one takes the strictest rule below it; a level below them all has
     # none to take, so an event at that level is answered optOut: a utility penalty, not a config error.
     uncovered = [level for level in (1, 2, 3) if not any(1 <= lvl <= level for lvl in cfg.levels)]

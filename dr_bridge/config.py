@@ -61,6 +61,9 @@ class BridgeSection(_Section):
     below_min: domain.BelowMin = "min"
     max_event_hours: float = Field(24.0, gt=0)
     restore_spread_s: float = Field(0.0, ge=0)
+    # The longest the restore after an event is spread over, whatever recovery period the utility sends:
+    # the last session of a spread stays limited until the end plus this.
+    max_restore_spread_s: float = Field(3600.0, ge=0, le=86400)
     cap_sharing: Literal["equal", "energy_need"] = "equal"  # energy_need: weight by the kWh a session still wants
     baseline_minutes: float = Field(15.0, ge=0)
     readings_retention_days: float = Field(30.0, gt=0)  # power readings and processed webhooks kept this long
@@ -71,6 +74,12 @@ class BridgeSection(_Section):
         if "://" not in url:
             raise ValueError("must be a database URL such as sqlite:///dr-bridge.db or postgresql+psycopg://...")
         return url
+
+    @model_validator(mode="after")
+    def _spread_within_its_maximum(self) -> BridgeSection:
+        if self.restore_spread_s > self.max_restore_spread_s:
+            raise _problem("restore_spread_s", f"must be at most max_restore_spread_s ({self.max_restore_spread_s:g})")
+        return self
 
 
 class VtnSection(_Section):
@@ -126,6 +135,9 @@ class EdrvSection(_Section):
     request_timeout_s: float = Field(10.0, gt=0)
     limit_retries: int = Field(3, ge=0)
     retry_backoff_s: float = Field(1.0, gt=0, le=60)  # first wait before re-sending a failed call; doubles
+    # The longest a limit or a restore waits before it is sent again, whatever eDRV's Retry-After asks for:
+    # a restore deferred by the header alone could leave a fleet limited for an hour after its event.
+    max_retry_after_s: float = Field(30.0, gt=0, le=600)
     action_timeout_s: float = Field(60.0, gt=0)
     reconcile_interval_s: float = Field(60.0, gt=0)
 

@@ -51,7 +51,8 @@ class Bridge:
 
         self.metrics = Metrics()
         self.client = EdrvClient(cfg.edrv.base_url, api_key, timeout_s=cfg.edrv.request_timeout_s,
-                                 max_concurrency=cfg.edrv.max_concurrency, on_call=self._observe_call)
+                                 max_concurrency=cfg.edrv.max_concurrency, backoff_max_s=cfg.edrv.max_retry_after_s,
+                                 on_call=self._observe_call)
         self.readiness = Readiness()
         self.engine = Engine(cfg, self.store, self.client, dry_run=dry_run, clock=clock, readiness=self.readiness)
         state = self.store.ven_state()

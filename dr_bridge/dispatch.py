@@ -22,7 +22,7 @@ from typing import Awaitable, Callable, Literal
 from dr_bridge.domain import Limit, Station
 from dr_bridge.edrv.errors import (EdrvError, EdrvNotFound, EdrvRateLimited, EdrvRejected)
 from dr_bridge.journal import Journal
-from dr_bridge.policy import restore_plan
+from dr_bridge.policy import in_current, lift_limit, restore_plan
 from dr_bridge.store import ARMED, Store, utcnow
 
 log = logging.getLogger("dr_bridge.dispatch")
@@ -54,6 +54,7 @@ class _Slot:
     rejections: int = 0  # rejected limit calls for the current desired limit
     resent_unanswered: bool = False  # the current desired state was sent again once after going unanswered
     clear_refused: bool = False  # this session's station refused a clear: restore with set max instead
+    sent: object = None  # (unit, value) sent for the desired limit: its own, or in current (see _sendable)
     since: float = 0.0  # monotonic time the desired state last changed
     armed: tuple[Desired, int] | None = None  # an armed limit taken up, and its action row (not yet sent)
 
@@ -76,7 +77,7 @@ class Dispatcher:
     no client at all and persists no session state."""
 
     def __init__(self, client, store: Store, *, limit_retries: int = 3, backoff_s: float = 1.0,
-                 backoff_max_s: float = 60.0, on_noncompliant: NonCompliant | None = None,
+                 backoff_max_s: float = 60.0, max_wait_s: float = 30.0, on_noncompliant: NonCompliant | None = None,
                  journal: Journal | None = None, dry_only: bool = False):
         self.client = client
         self.dry_only = dry_only
@@ -85,11 +86,15 @@ class Dispatcher:
         self.limit_retries = limit_retries
         self.backoff_s = backoff_s
         self.backoff_max_s = backoff_max_s
+        # Every wait before a limit or a restore is sent again is at most this (edrv.max_retry_after_s),
+        # whatever eDRV's Retry-After or the backoff would make it.
+        self.max_wait_s = max_wait_s
         self.on_noncompliant = on_noncompliant
         self._slots: dict[str, _Slot] = {}
         self._armed: dict[str, _Armed] = {}
         self._arming: set[asyncio.Task] = set()
         self._arm_failed = False  # an arming's rows could not be written: said once
+        self._current_only: set[str] = set()  # stations of unknown kind that refused a limit in power
 
     # --- the engine's side ---------------------------------------------------------------------------
     def known(self, session_id: str) -> bool:
@@ -229,7 +234,7 @@ class Dispatcher:
             return
         if slot.desired != desired:
             if slot.desired is None or slot.desired.key != desired.key:
-                slot.rejections = 0
+                slot.rejections, slot.sent = 0, None
                 slot.resent_unanswered = False
             slot.desired = desired
             slot.since = time.monotonic()
@@ -247,13 +252,18 @@ class Dispatcher:
                 return  # refused a restore no longer wanted; it must not count against the new limit
             slot.clear_refused = True
             slot.rejections += 1
+            lift = self._plan(slot, slot.desired)[2]
+            if lift is not None:  # a lift in power refused: the next one goes in current
+                self._refused_power(slot.station, lift)
             if slot.applied == RESTORED:  # retry later, not in a tight loop against a refusing charger
                 slot.applied = None
                 self._still_limited(session_id)
                 asyncio.get_running_loop().call_later(self._backoff(slot.rejections), self._start, session_id)
             return
-        elif slot.desired.kind != "limit" or slot.desired.key != key:
+        elif slot.desired.kind != "limit" or key not in (slot.desired.key, slot.sent):
             return  # refused something no longer wanted
+        elif key == slot.sent and self._refused_power(slot.station, Limit(*key)):
+            pass  # sent again at once, in current: not counted against the limit
         else:
             slot.rejections += 1
             if slot.rejections > self.limit_retries:
@@ -272,7 +282,7 @@ class Dispatcher:
         slot = self._slots.get(session_id)
         if slot is None or slot.ended or slot.desired is None or slot.resent_unanswered:
             return False
-        if purpose == "limit" and (slot.desired.kind != "limit" or slot.desired.key != key):
+        if purpose == "limit" and (slot.desired.kind != "limit" or key not in (slot.desired.key, slot.sent)):
             return False  # an answer to something no longer wanted
         if purpose == "restore" and slot.desired.kind != "restore":
             return False
@@ -396,8 +406,26 @@ class Dispatcher:
             return "set_power_limit", "limit", want.limit
         how, limit = restore_plan(slot.station)
         if how == "clear" and slot.clear_refused:
-            how, limit = "set", Limit("current", slot.station.max_current)
-        return ("clear_power_limit" if how == "clear" else "set_power_limit"), "restore", limit
+            how, limit = "set", lift_limit(slot.station)
+        kind = "clear_power_limit" if how == "clear" else "set_power_limit"
+        return kind, "restore", self._sendable(slot.station, limit)
+
+    def _sendable(self, station: Station, limit: Limit | None) -> Limit | None:
+        """The limit in a unit the station takes: one of unknown kind that refused power gets current."""
+        if limit is not None and limit.unit == "power" and station.id in self._current_only:
+            return in_current(limit, station)
+        return limit
+
+    def _refused_power(self, station: Station, sent: Limit) -> bool:
+        """eDRV refused a limit in power for a station whose kind it has not told: as eDRV simulator stations
+        take current only, the station gets current from now on (True: send again at once, in current)."""
+        if sent.unit != "power" or station.simulator is not None:
+            return False
+        if station.id not in self._current_only:  # its other sessions' calls in power may be under way
+            self._current_only.add(station.id)
+            log.warning("chargestation %s refused a limit in power and eDRV does not say what kind it is (an "
+                        "eDRV simulator takes current only): it is sent limits in current from now on", station.id)
+        return True
 
     async def _record(self, session_id: str, station: Station, want: Desired, kind: str, purpose: str,
                       limit: Limit | None, status: str = "planned", detail: str = "",
@@ -423,17 +451,23 @@ class Dispatcher:
                     limited=True, ended=False, unit=want.limit.unit, limit=want.limit.value)
 
     async def _apply_limit(self, session_id: str, slot: _Slot, want: Desired, armed_id: int | None) -> None:
+        sent = self._sendable(slot.station, want.limit)
         if armed_id is not None:
             # Recorded ahead (arm()), the session's state included; the row's time becomes the call's.
             action_id, first = armed_id, {"at": utcnow()}
+            if sent != want.limit:
+                first.update(unit=sent.unit, limit=sent.value)
         else:
             # Persist before acting: a crash after the POST must still find this session to restore.
-            action_id = await self._record(session_id, slot.station, want, "set_power_limit", "limit", want.limit,
+            action_id = await self._record(session_id, slot.station, want, "set_power_limit", "limit", sent,
                                            state=self._limited_state(slot.station, want))
             first = {}
+        slot.sent = (sent.unit, sent.value)
         outcome = await self._call(session_id, slot, want, action_id,
-                                   lambda: self.client.set_power_limit(session_id, want.limit.unit, want.limit.value,
+                                   lambda: self.client.set_power_limit(session_id, sent.unit, sent.value,
                                                                        max_retries=0), first)
+        if outcome == "rejected" and self._refused_power(slot.station, sent):
+            return  # the worker sends it again at once, in current
         if outcome == "ok":
             slot.applied = want.key
         elif outcome in ("rejected", "failed"):
@@ -457,13 +491,16 @@ class Dispatcher:
                 if outcome == "rejected":
                     # eDRV simulator stations, and some physical ones, refuse clears: lift the limit instead.
                     slot.clear_refused = True
-                    kind, limit = "set_power_limit", Limit("current", slot.station.max_current)
+                    kind, limit = "set_power_limit", self._sendable(slot.station, lift_limit(slot.station))
                     continue
             else:
                 action_id = await self._record(session_id, slot.station, want, kind, "restore", limit)
                 outcome = await self._call(session_id, slot, want, action_id,
                                            lambda: self.client.set_power_limit(session_id, limit.unit, limit.value,
                                                                                max_retries=0))
+                if outcome == "rejected" and self._refused_power(slot.station, limit):
+                    limit = in_current(limit, slot.station)
+                    continue
             if outcome == "ok":
                 slot.applied = RESTORED
                 await self.journal.write(("state", session_id, {"limited": False}))
@@ -492,6 +529,11 @@ class Dispatcher:
                 action = await send()
             except EdrvRateLimited as exc:
                 delay = exc.retry_after if exc.retry_after is not None else self._backoff(attempts)
+                if delay > self.max_wait_s:
+                    log.warning("eDRV rate-limits session %s and asks for %.0f s; the %s is sent again in %g s "
+                                "(edrv.max_retry_after_s)", session_id, delay,
+                                "restore" if want.kind == "restore" else "limit", self.max_wait_s)
+                    delay = self.max_wait_s
                 await self._update(action_id, pending, attempts=attempts,
                                    detail=f"rate limited; retry in {delay:.1f}s")
                 await self._wait(slot, delay)
@@ -540,12 +582,13 @@ class Dispatcher:
 
     def _backoff(self, n: int) -> float:
         base = min(self.backoff_max_s, self.backoff_s * 2 ** max(0, n - 1))
-        return base * random.uniform(0.8, 1.2)
+        return min(self.max_wait_s, base * random.uniform(0.8, 1.2))
 
     async def _wait(self, slot: _Slot, seconds: float) -> None:
-        """Sleep, but wake as soon as a newer desired state arrives (or forget() asks to send again now)."""
+        """Sleep, but wake as soon as a newer desired state arrives (or forget() asks to send again now).
+        Never longer than max_wait_s: this is the wait before a limit or restore is sent again."""
         try:
-            await asyncio.wait_for(slot.changed.wait(), timeout=max(0.0, seconds))
+            await asyncio.wait_for(slot.changed.wait(), timeout=min(self.max_wait_s, max(0.0, seconds)))
         except asyncio.TimeoutError:
             pass
         # Woken once: the callers look at the desired state itself. Left set, every later wait of this worker

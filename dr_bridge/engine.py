@@ -89,7 +89,8 @@ class Engine:
         self.events: dict[str, LiveEvent] = {}
         self.journal = Journal(store)  # the group commit shared by dispatch and webhooks
         self.dispatcher = Dispatcher(client, store, limit_retries=cfg.edrv.limit_retries,
-                                     backoff_s=cfg.edrv.retry_backoff_s, on_noncompliant=self._noncompliant,
+                                     backoff_s=cfg.edrv.retry_backoff_s, max_wait_s=cfg.edrv.max_retry_after_s,
+                                     on_noncompliant=self._noncompliant,
                                      journal=self.journal)
         # What dry runs and logged test events would do: kept apart, so a logged limit never stands in for
         # one that eDRV holds (nor a logged restore for a real one). It has no eDRV client to call.
@@ -345,6 +346,10 @@ class Engine:
                                                "listed again: resumed" if relisted else "modified")
         log.info("event %s %s (modification %d): %s, %s; %s", ev.event_id, verb, ev.modification_number,
                  opt, reason, self._describe(live))
+        if ev.recovery and ev.recovery > self._restore_spread(ev):
+            log.warning("event %s asks for a %.0f s recovery; its restores are spread over %g s at most "
+                        "(bridge.max_restore_spread_s)", ev.event_id, ev.recovery.total_seconds(),
+                        self.cfg.bridge.max_restore_spread_s)
         self._schedule(live)
         if live.acting:
             self.fleet.start_resolving(sorted(live.station_ids))  # long before the boundary needs them, if we can
@@ -669,7 +674,7 @@ class Engine:
         live = self.events.get(event_id) if event_id else None
         if live is None or live.status != COMPLETED:
             return None
-        spread = schedule.restore_spread(live.event, self.cfg.bridge.restore_spread_s)
+        spread = self._restore_spread(live.event)
         if spread <= timedelta(0):
             return None
         if live.restore_order is None:
@@ -678,6 +683,9 @@ class Engine:
         rank = order.index(session_id) if session_id in order else len(order) - 1
         end = schedule.effective_end(live.event, live.offset_s, self.cfg.bridge.max_event_hours)
         return schedule.staggered_restore_at(end, spread, rank, len(order))
+
+    def _restore_spread(self, event: Event) -> timedelta:
+        return schedule.restore_spread(event, self.cfg.bridge.restore_spread_s, self.cfg.bridge.max_restore_spread_s)
 
     def _restore_order(self, live: LiveEvent) -> list[str]:
         """Higher-priority stations first, then a fixed order. Built from the persisted session states, so
@@ -707,7 +715,7 @@ class Engine:
         for row in self.store.events(statuses=[COMPLETED], since=now - timedelta(days=1)):
             ev = event_from_json(row.event_json)
             end = schedule.effective_end(ev, row.offset_s, self.cfg.bridge.max_event_hours)
-            if end + schedule.restore_spread(ev, self.cfg.bridge.restore_spread_s) > now:
+            if end + self._restore_spread(ev) > now:
                 rows.append(row)
         return rows
 
@@ -964,8 +972,7 @@ class Engine:
                     or self.dry_dispatcher.sessions_of_event(event_id):
                 continue
             end = schedule.effective_end(live.event, live.offset_s, self.cfg.bridge.max_event_hours)
-            if live.status == CANCELLED or end + schedule.restore_spread(
-                    live.event, self.cfg.bridge.restore_spread_s) < now:
+            if live.status == CANCELLED or end + self._restore_spread(live.event) < now:
                 del self.events[event_id]
         self.dispatcher.drop_finished()
         self.dry_dispatcher.drop_finished()

@@ -27,6 +27,7 @@ class Fleet:
         self.energy_needs: dict[str, float] = {}  # session id -> kWh still wanted, where eDRV reports a target
         self.listed_at: float | None = None  # monotonic time of the last listing of running sessions
         self._resolving: dict[str, asyncio.Task] = {}  # station id -> its kind being read from eDRV
+        self._unsaid: set[str] = set()  # stations eDRV answered for without saying their kind: not asked again
 
     # --- running sessions ----------------------------------------------------------------------------
     async def list_running(self, station_ids: list[str]) -> tuple[set[str], set[str]] | None:
@@ -98,7 +99,7 @@ class Fleet:
 
     def start_resolving(self, station_ids: list[str]) -> list[asyncio.Task]:
         for sid in station_ids:
-            if self.stations[sid].simulator is None and sid not in self._resolving:
+            if self.stations[sid].simulator is None and sid not in self._resolving and sid not in self._unsaid:
                 task = self._resolving[sid] = asyncio.create_task(self.resolve(self.stations[sid]))
                 task.add_done_callback(partial(self._resolved, sid))
         return [self._resolving[sid] for sid in station_ids if sid in self._resolving]
@@ -117,7 +118,15 @@ class Fleet:
         except EdrvError as exc:
             log.warning("could not read chargestation %s (%s); treating its kind as unknown", station.id, exc)
             return station
-        return replace(station, simulator=cs.is_simulator) if cs.is_simulator is not None else station
+        if cs.is_simulator is None:
+            if station.id in self._unsaid:
+                return station
+            self._unsaid.add(station.id)
+            log.warning("eDRV does not say whether chargestation %s is an eDRV simulator: it is sent limits in its "
+                        "configured limit_unit (current where none is set), in current after a refusal; set "
+                        "`simulator` in its config to say", station.id)
+            return station
+        return replace(station, simulator=cs.is_simulator)
 
     async def stop(self) -> None:
         for task in list(self._resolving.values()):

@@ -185,11 +185,22 @@ def most_restrictive(limits: Iterable[Limit | None], station: Station) -> Limit 
 
 
 def send_unit(station: Station, natural_unit: Unit) -> Unit:
-    # Simulator stations accept only current, and current is accepted everywhere, so it is also
-    # the safe answer while eDRV has not told us which kind the station is.
-    if station.simulator is None or station.simulator:
+    # Simulator stations accept only current. While eDRV has not said which kind a station is, it gets the
+    # unit its config names (a DC station regulates power; dispatch falls back to current should eDRV
+    # refuse it), and with none named, current, which every kind accepts.
+    if station.simulator:
         return "current"
+    if station.simulator is None:
+        return station.limit_unit or "current"
     return station.limit_unit or natural_unit
+
+
+def in_current(limit: Limit, station: Station) -> Limit:
+    """The same limit in A per phase (floored, never above max_current), for a station that refused it in
+    power."""
+    if limit.unit == "current":
+        return limit
+    return Limit("current", _floor_in_unit(station, "current", limit.value))
 
 
 def share(
@@ -246,11 +257,18 @@ def _min_limit(station: Station, unit: Unit, settings: PolicySettings) -> Limit:
 # --- restoring and the whole pipeline -------------------------------------------------------------
 
 
+def lift_limit(station: Station) -> Limit:
+    """The station's maximum, in the unit it is limited in: what lifts a limit where a clear cannot."""
+    if send_unit(station, "current") == "power":
+        return Limit("power", float(math.floor(station.max_power_w + _EPS)))
+    return Limit("current", station.max_current)
+
+
 def restore_plan(station: Station) -> tuple[str, Limit | None]:
-    """How to lift a limit: clear on physical stations, else set max_current (accepted everywhere)."""
+    """How to lift a limit: clear on physical stations, else set the station's maximum (lift_limit)."""
     if station.simulator is False:
         return ("clear", None)
-    return ("set", Limit("current", station.max_current))
+    return ("set", lift_limit(station))
 
 
 def session_limits(

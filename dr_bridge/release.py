@@ -15,7 +15,8 @@ async def release_all(cfg: Config, api_key: str, console: Console, timeout: floa
     """Returns the sessions still limited afterwards (empty on success)."""
     store = Store.for_config(cfg)
     async with EdrvClient(cfg.edrv.base_url, api_key, timeout_s=cfg.edrv.request_timeout_s,
-                          max_concurrency=cfg.edrv.max_concurrency) as client:
+                          max_concurrency=cfg.edrv.max_concurrency,
+                          backoff_max_s=cfg.edrv.max_retry_after_s) as client:
         engine = Engine(cfg, store, client)
         todo = store.session_states(limited_only=True)
         if not todo:

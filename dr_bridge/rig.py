@@ -22,6 +22,8 @@ class StationSpec:
     resource_id: str
     max_current: float = 32
     phases: int = 3
+    voltage: float = 230
+    limit_unit: str | None = None  # the config's; None leaves the unit to the signal
     simulator: bool = False
     sessions: int = 1
     refuse: str | None = None
@@ -39,6 +41,7 @@ class Rig:
     vtn_options: dict[str, Any] = field(default_factory=dict)  # extra [vtn] config keys
     ev_delay_s: float = 0.5
     report_interval_s: float = 1.0  # how often the simulator reports each session's power
+    sim_options: dict[str, Any] = field(default_factory=dict)  # EdrvSimulator's, e.g. page_size_max
     telemetry_s: float | None = None  # the sampling interval the VTN asks for; None: it asks for no telemetry
     webhook_secret: str | None = None  # signs webhooks; the config then names WEBHOOK_SECRET_ENV
     vtn: LocalVtn | None = None
@@ -52,10 +55,12 @@ class Rig:
         self.http_port = http_port or reserve_port("127.0.0.1")
         webhook_url = f"http://127.0.0.1:{self.http_port}/edrv/webhooks" if webhooks else None
         self.sim = EdrvSimulator(API_KEY, webhook_url=webhook_url, ev_delay_s=self.ev_delay_s,
-                                 report_interval_s=self.report_interval_s, seed=7, webhook_secret=self.webhook_secret)
+                                 report_interval_s=self.report_interval_s, seed=7, webhook_secret=self.webhook_secret,
+                                 **self.sim_options)
         await self.sim.start()
         for spec in self.stations:
             sid = self.sim.add_station(simulator=spec.simulator, max_current=spec.max_current, phases=spec.phases,
+                                       voltage=spec.voltage,
                                        refuse=spec.refuse, naming=spec.naming, connectors=max(2, spec.sessions + 2))
             self.station_ids[spec.resource_id] = sid
             # Running before the bridge starts: the bridge finds them by listing, as after its own restart.
@@ -93,6 +98,8 @@ class Rig:
             "chargestations": [
                 {"id": self.station_ids[s.resource_id], "resource_id": s.resource_id, "max_current": s.max_current,
                  "phases": s.phases, **({"group": s.group} if s.group else {}),
+                 **({"voltage": s.voltage} if s.voltage != 230 else {}),
+                 **({"limit_unit": s.limit_unit} if s.limit_unit else {}),
                  **({"simulator": s.configured_simulator} if s.configured_simulator is not None else {})}
                 for s in self.stations],
         }

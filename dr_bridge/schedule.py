@@ -74,11 +74,12 @@ def boundaries(event: Event, offset_s: float, max_event_hours: float) -> list[da
     return sorted(t for t in times if t <= end)
 
 
-def restore_spread(event: Event, restore_spread_s: float) -> timedelta:
+def restore_spread(event: Event, restore_spread_s: float, max_s: float = float("inf")) -> timedelta:
     """How long the restore after the end is spread over: restore_spread_s, or the event's recovery period
-    when the utility sent a longer one."""
+    when the utility sent a longer one; never more than max_s, whatever the recovery period says."""
     configured = timedelta(seconds=max(0.0, restore_spread_s))
-    return max(configured, event.recovery or timedelta(0))
+    spread = max(configured, event.recovery or timedelta(0))
+    return spread if max_s == float("inf") else min(spread, timedelta(seconds=max(0.0, max_s)))
 
 
 def staggered_restore_at(end: datetime, spread: timedelta, rank: int, count: int) -> datetime:

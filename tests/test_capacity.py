@@ -28,6 +28,14 @@ def test_the_spread_is_restore_spread_s_or_the_event_recovery_period_when_longer
     assert schedule.restore_spread(event, 0) == timedelta(0)
 
 
+def test_the_spread_is_never_longer_than_its_maximum_whatever_the_recovery_period():
+    event = Event("E", 0, T0, T0 + timedelta(minutes=30), [], recovery=timedelta(hours=5))
+    assert schedule.restore_spread(event, 60, max_s=3600) == timedelta(hours=1)
+    assert schedule.restore_spread(event, 60, max_s=0) == timedelta(0)
+    event.recovery = timedelta(minutes=5)
+    assert schedule.restore_spread(event, 60, max_s=3600) == timedelta(minutes=5)
+
+
 def test_an_energy_target_gives_a_need():
     metrics = {"energyConsumed": 4500}  # Wh
     assert Session.from_json({"_id": "s", "status": "Started", "target": {"energy": 10},

@@ -364,3 +364,31 @@ def test_levels_below_every_configured_one_are_named_as_answered_opt_out(tmp_pat
     # Levels above the highest configured one take the strictest rule below them: nothing to warn about.
     only_low = write(tmp_path, BASE.replace("2 = { fraction = 0.5 }\n", ""), "low.toml")
     assert check_config(only_low).stderr == ""
+
+
+@pytest.mark.parametrize("value, problem", [("0", "must be greater than 0"),
+                                            ("3600", "must be at most 600")])
+def test_max_retry_after_s_is_bounded(tmp_path: Path, value: str, problem: str):
+    path = write(tmp_path, BASE.replace('api_key_env = "EDRV_API_KEY"',
+                                        f'api_key_env = "EDRV_API_KEY"\nmax_retry_after_s = {value}'))
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    assert str(raised.value) == f"{path}: edrv.max_retry_after_s: {problem}"
+
+
+def test_a_long_max_retry_after_s_is_warned_about(tmp_path: Path):
+    path = write(tmp_path, BASE.replace('api_key_env = "EDRV_API_KEY"',
+                                        'api_key_env = "EDRV_API_KEY"\nmax_retry_after_s = 300'))
+    result = check_config(path)
+    assert result.exit_code == 0, result.output
+    assert result.stderr.startswith("warning: 300 s: a restore eDRV rate-limits (429) after an event may wait")
+    assert load_config(write(tmp_path, BASE, "default.toml")).edrv.max_retry_after_s == 30
+
+
+def test_restore_spread_s_must_fit_within_max_restore_spread_s(tmp_path: Path):
+    path = write(tmp_path, BASE.replace('below_min = "min"',
+                                        'below_min = "min"\nrestore_spread_s = 600\nmax_restore_spread_s = 300'))
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    assert str(raised.value) == f"{path}: bridge.restore_spread_s: must be at most max_restore_spread_s (300)"
+    assert load_config(write(tmp_path, BASE, "default.toml")).bridge.max_restore_spread_s == 3600

@@ -60,6 +60,24 @@ async def test_running_sessions_paginate_past_one_page(sim):
     assert pages == ["1", "2", "3"]
 
 
+@pytest.mark.parametrize("flags", [True, False], ids=["hasNext", "no-page-flags"])
+async def test_listings_follow_edrv_past_a_page_size_it_caps(flags):
+    """Asked for 1000 a page, eDRV serves 100: the listing goes on while eDRV says there is more (hasNext),
+    or without that flag, until a page comes back shorter than the ones before."""
+    async with EdrvSimulator(KEY, page_size_max=100, page_flags=flags) as sim:
+        stations = [sim.add_station(connectors=1) for _ in range(230)]
+        sessions = [sim.start_session(station) for station in stations[:225]]
+        async with EdrvClient(sim.base_url, KEY, page_size=1000) as edrv:
+            listed = await edrv.list_running_sessions()
+            on_two = await edrv.list_running_sessions(stations[:2])
+            listed_stations = await edrv.list_chargestations()
+    assert sorted(s.id for s in listed) == sorted(sessions)
+    assert sorted(s.id for s in on_two) == sorted(sessions[:2])
+    assert sorted(cs.id for cs in listed_stations) == sorted(stations)
+    pages = [r.query["paginate_page"] for r in sim.requests if r.path.endswith("/chargestations")]
+    assert pages == ["1", "2", "3"]  # 100, 100, 30: the short page is the last, with or without hasNext
+
+
 async def test_chargestation_and_status_filters_apply_even_if_server_ignores_them():
     async with EdrvSimulator(KEY, ignore_session_filters=True, status_case="lower") as sim:
         wanted, other = sim.add_station(), sim.add_station()

@@ -10,6 +10,7 @@ from dr_bridge.policy import (
     desired_limits,
     is_supported,
     most_restrictive,
+    in_current,
     restore_plan,
     send_unit,
     share,
@@ -144,6 +145,16 @@ def test_send_unit():
     assert send_unit(AC, "current") == "current"
     assert send_unit(DC, "current") == "power"
     assert send_unit(CURRENT_FORCED, "power") == "current"
+
+
+def test_a_power_station_of_unknown_kind_gets_power_and_is_lifted_at_its_maximum_power():
+    dc = Station("dcu", "r-dcu", max_current=125, phases=1, voltage=400, limit_unit="power", simulator=None)
+    assert send_unit(dc, "current") == "power" and send_unit(dc, "power") == "power"
+    assert restore_plan(dc) == ("set", Limit("power", 50000))
+    # Should eDRV refuse power: the same limit in current, floored, and never above the station's maximum.
+    assert in_current(Limit("power", 20000), dc) == Limit("current", 50)
+    assert in_current(Limit("power", 90000), dc) == Limit("current", 125)
+    assert in_current(Limit("current", 16), dc) == Limit("current", 16)
 
 
 def test_restore_plan():

@@ -168,8 +168,12 @@ class EdrvClient:
         return result
 
     async def _paginate(self, op: str, path: str, query: dict[str, str]) -> list[dict[str, Any]]:
+        """Every item, page after page, for as long as eDRV says there is more. eDRV may cap the page size
+        below the one asked for, so a short page alone does not end the listing: its hasNext does, and
+        where it sends none, an empty page or one shorter than an earlier one."""
         items: list[dict[str, Any]] = []
         ids: set[str] = set()
+        longest = 0  # the page size eDRV actually serves, as far as seen
         for page in range(1, _MAX_PAGES + 1):
             params = {**query, "paginate_limit": str(self.page_size), "paginate_page": str(page)}
             result, body = await self._request(op, "GET", path, params=params, whole=True)
@@ -178,8 +182,14 @@ class EdrvClient:
             fresh = [o for o in result if isinstance(o, dict) and str(o.get("_id")) not in ids]
             ids.update(str(o.get("_id")) for o in fresh)
             items.extend(fresh)
-            if len(result) < self.page_size or body.get("hasNext") is False or not fresh:
+            more = body.get("hasNext")
+            if not fresh or more is False:  # fresh: a server that ignores paginate_page repeats itself
                 break
+            if more is not True and len(result) < longest:  # no hasNext: a shorter page is the last
+                break
+            longest = max(longest, len(result))
+        else:
+            log.warning("eDRV %s: still more after %d pages; the listing stops there", op, _MAX_PAGES)
         return items
 
     def _wait(self, state: RetryCallState) -> float:

@@ -129,7 +129,8 @@ class EdrvSimulator:
     def __init__(self, api_key: str = "sim-key", *, webhook_url: str | None = None,
                  webhook_secret: str | None = None, signature_style: Literal["v1", "sha256"] = "v1",
                  seed: int = 0, ev_delay_s: float = 2.0, report_interval_s: float = 5.0,
-                 page_size_max: int = 1000, outcome_delay_s: float = 0.05,
+                 page_size_max: int = 1000, page_flags: bool = True, report_is_simulator: bool = True,
+                 simulator_power_refusal: Literal["http", "webhook"] = "http", outcome_delay_s: float = 0.05,
                  ignore_session_filters: bool = False,
                  status_case: Literal["title", "lower", "upper"] = "title") -> None:
         self.api_key = api_key
@@ -138,7 +139,11 @@ class EdrvSimulator:
         self.signature_style = signature_style
         self.ev_delay_s = ev_delay_s
         self.report_interval_s = report_interval_s
-        self.page_size_max = page_size_max
+        self.page_size_max = page_size_max  # eDRV serves at most this many items a page, whatever is asked
+        self.page_flags = page_flags  # list responses carry hasNext/hasPrevious, as eDRV's v1 lists did
+        self.report_is_simulator = report_is_simulator  # chargestations carry is_simulator (newer eDRV docs only)
+        # How simulator stations refuse a limit in power: HTTP 400 at once, or accepted, then a .rejected webhook
+        self.simulator_power_refusal = simulator_power_refusal
         self.outcome_delay_s = outcome_delay_s  # the charge point's answer trails the .requested webhook
         self.ignore_session_filters = ignore_session_filters  # pretend eDRV ignores ?status=&chargestation=
         self.status_case = status_case  # eDRV's docs show both "Started" and "started"
@@ -370,9 +375,10 @@ class EdrvSimulator:
     def _station_json(self, station: _Station) -> dict[str, Any]:
         busy = {s.connector_id for s in self._sessions.values() if s.station_id == station.id and s.ended is None}
         power_kw = round(station.max_current * station.voltage * station.phases / 1000.0, 1)
+        kind = {"is_simulator": station.simulator} if self.report_is_simulator else {}
         return {
             "_id": station.id, "protocol": station.protocol, "online": station.online, "active": True,
-            "public": False, "is_simulator": station.simulator, "model": "dr-bridge-sim",
+            "public": False, **kind, "model": "dr-bridge-sim",
             "endpoint": f"sim-{station.id[-6:]}",
             "connectors": [{"_id": c, "chargestation": station.id, "active": True, "type": "Type2",
                             "format": "SOCKET", "power": power_kw,
@@ -524,8 +530,8 @@ class EdrvSimulator:
         except ValueError:
             raise _Reject(400, "paginate_limit and paginate_page must be integers") from None
         chunk = [to_json(item) for item in items[(page - 1) * limit: page * limit]]
-        return web.json_response({"ok": True, "message": "", "result": chunk,
-                                  "hasNext": page * limit < len(items), "hasPrevious": page > 1})
+        flags = {"hasNext": page * limit < len(items), "hasPrevious": page > 1} if self.page_flags else {}
+        return web.json_response({"ok": True, "message": "", "result": chunk, **flags})
 
     def _station(self, request: web.Request) -> _Station:
         station = self._stations.get(request.match_info["id"])
@@ -588,10 +594,11 @@ class EdrvSimulator:
         if unit not in ("current", "power") or isinstance(limit, bool) or not isinstance(limit, (int, float)) \
                 or limit < 0:
             raise _Reject(400, "Body must be {unit: 'current'|'power', limit: number >= 0}")
-        if station.simulator and unit != "current":
+        refused = station.simulator and unit != "current"
+        if refused and self.simulator_power_refusal == "http":
             raise _Reject(400, "eDRV Simulators currently only support set_power_limit with unit = current")
         limit_a = float(limit) if unit == "current" else float(limit) / (station.voltage * station.phases)
-        return self._act(session, station, "set_power_limit", {"unit": unit, "limit": limit}, limit_a)
+        return self._act(session, station, "set_power_limit", {"unit": unit, "limit": limit}, limit_a, refused)
 
     async def _clear_limit(self, request: web.Request) -> web.Response:
         session, station = self._limit_target(request)
@@ -600,7 +607,7 @@ class EdrvSimulator:
         return self._act(session, station, "clear_power_limit", {}, None)
 
     def _act(self, session: _Session, station: _Station, kind: str, data: dict[str, Any],
-             limit_a: float | None) -> web.Response:
+             limit_a: float | None, refused: bool = False) -> web.Response:
         if station.refuse == "http":
             raise _Reject(400, "Chargestation rejected the request")
         now = iso(time.time())
@@ -608,7 +615,7 @@ class EdrvSimulator:
                   "chargestation": station.id, "connector": session.connector_id, "session": session.id,
                   "data": data, "response_data": {}, "createdAt": now, "updatedAt": now}
         self._webhook("action", f"session.{kind}.requested", dict(action))
-        refused = station.refuse == "webhook"
+        refused = refused or station.refuse == "webhook"
         suffix = {("accepted", False): "accepted", ("completed", False): "completed",
                   ("accepted", True): "rejected", ("completed", True): "failed"}[(station.naming, refused)]
         outcome = {**action, "status": "failed" if refused else "completed",

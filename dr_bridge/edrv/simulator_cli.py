@@ -119,6 +119,8 @@ def simulate_edrv(
                                           help="Share of API requests answered 429 with Retry-After."),
     drop_webhook_rate: float = typer.Option(0.0, "--drop-webhook-rate", min=0, max=1,
                                             help="Share of webhooks silently not delivered."),
+    page_size_max: int = typer.Option(1000, "--page-size-max", min=1,
+                                      help="The most items a listing returns per page, whatever is asked."),
 ) -> None:
     """Run the eDRV simulator until Ctrl-C or SIGTERM."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -135,7 +137,8 @@ def simulate_edrv(
     secret = os.environ.get(webhook_secret_env) if webhook_secret_env else None
     if webhook_secret_env and not secret:
         console.print(f"{webhook_secret_env} is not set: webhooks go out unsigned")
-    sim = EdrvSimulator(api_key, webhook_url=webhook_url, webhook_secret=secret, seed=seed)
+    sim = EdrvSimulator(api_key, webhook_url=webhook_url, webhook_secret=secret, seed=seed,
+                        page_size_max=page_size_max)
     sim.faults.update(latency_s=latency, error_rate=error_rate, rate_limit_rate=rate_limit_rate,
                       drop_webhook_rate=drop_webhook_rate)
     try:
