@@ -53,6 +53,11 @@ def config_warnings(cfg: Config) -> list[tuple[str, str]]:
         warnings.append(("edrv.webhook_secret_env", f"environment variable {cfg.edrv.webhook_secret_env} "
                                                     "is not set; dr-bridge run will refuse to start without "
                                                     "the webhook secret"))
+    if cfg.edrv.allow_unsigned_webhooks:
+        warnings.append(("edrv.allow_unsigned_webhooks", _UNSIGNED_IGNORED if cfg.edrv.webhook_secret_env else
+                         f"webhooks are accepted unsigned: anyone who can reach {cfg.http.webhook_path} can post "
+                         "one (a session's start, a charger's refusal, power readings); set edrv.webhook_secret_env "
+                         "to eDRV's webhook secret instead"))
     if cfg.http.token_env and cfg.http_token() is None:
         warnings.append(("http.token_env", f"environment variable {cfg.http.token_env} is not set; "
                                            "the event-log pages cannot be opened"))
@@ -74,6 +79,20 @@ def config_warnings(cfg: Config) -> list[tuple[str, str]]:
                              f"{_num(station.max_current)} A is below bridge.min_current "
                              f"{_num(cfg.bridge.min_current)} A; every limit will follow below_min"))
     return warnings
+
+
+_UNSIGNED_IGNORED = "allow_unsigned_webhooks is ignored: edrv.webhook_secret_env is set, so every webhook must be signed"
+
+
+def webhook_policy(cfg: Config) -> str:
+    """Which webhooks the bridge takes, in one line: the operator's answer to "can anyone post one?"."""
+    if cfg.edrv.webhook_secret_env:
+        state = "set" if cfg.webhook_secret() is not None else "NOT SET"
+        return f"signed only (secret from ${cfg.edrv.webhook_secret_env}, {state})"
+    if cfg.edrv.allow_unsigned_webhooks:
+        return "UNSIGNED ACCEPTED (edrv.allow_unsigned_webhooks = true)"
+    return ("all REFUSED (401): no edrv.webhook_secret_env; set it, or edrv.allow_unsigned_webhooks = true; "
+            "until then sessions are seen by listing only")
 
 
 def level_limit(setting: LevelSetting, station: StationConfig) -> tuple[float, int, str]:
@@ -106,6 +125,7 @@ def settings_table(cfg: Config) -> Table:
         ("edrv", f"{cfg.edrv.base_url}  API key from ${cfg.edrv.api_key_env} ({key_state})"),
         ("database", _without_password(cfg.bridge.database_url)),
         ("http", f"{cfg.http.host}:{cfg.http.port}  webhooks at {cfg.http.webhook_path}"),
+        ("webhooks", webhook_policy(cfg)),
         ("mode", f"dry_run={_flag(cfg.bridge.dry_run)} (answers opt{cfg.bridge.dry_run_opt.capitalize()})  "
                  f"test_events={cfg.bridge.test_events}  min_current={_num(cfg.bridge.min_current)} A  "
                  f"below_min={cfg.bridge.below_min}"),

@@ -21,7 +21,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from dr_bridge import schedule, sharing
 from dr_bridge.dispatch import Desired, Dispatcher
 from dr_bridge.domain import ACTIVE, CANCELLED, COMPLETED, PENDING, Cap, Event, Limit, SignalInterval, Station
-from dr_bridge.edrv.errors import EdrvError
+from dr_bridge.edrv.errors import EdrvError, EdrvNotFound
 from dr_bridge.edrv.models import Session
 from dr_bridge.edrv.webhooks import Envelope, action_status
 from dr_bridge.eventlog import event_from_json, event_to_json, iso
@@ -747,9 +747,12 @@ class Engine:
         if kind.startswith(("session.set_power_limit.", "session.clear_power_limit.")):
             self._action_outcome(env)
         elif kind in ("session.started", "session.updated"):
-            self._session_seen(Session.from_json(env.data), env)
+            session = Session.from_json(env.data)
+            self._session_seen(session, env)
+            if session.status.lower() in ("ended", "cancelled"):
+                await self._ended_by_webhook(session, session.energy_report_at or env.created_at or utcnow())
         elif kind in ("session.ended", "session.cancelled"):
-            self._session_gone(Session.from_json(env.data), env.created_at or utcnow())
+            await self._ended_by_webhook(Session.from_json(env.data), env.created_at or utcnow())
         elif kind in ("chargestation.offline", "chargestation.online"):
             await self._station_link(str(env.data.get("_id") or ""), kind.endswith("online"))
         else:
@@ -790,14 +793,37 @@ class Engine:
                                                  session_id=session.id, chargestation_id=station_id,
                                                  power_kw=session.power_kw, current_a=session.current_a), {}))
         if not session.running:
-            if session.status and session.status.lower() in ("ended", "cancelled"):
-                self._session_gone(session, session.energy_report_at or env.created_at or utcnow())
             return
         self.fleet.note_need(session)
         if self.fleet.started(station_id, session.id):
             if any(station_id in live.station_ids and live.status == ACTIVE for live in self.events.values()):
                 log.info("session %s started on %s during an event: sharing its budget", session.id, station_id)
                 self.kick_stations({station_id})
+
+    async def _ended_by_webhook(self, session: Session, at: datetime) -> None:
+        """A webhook says the session ended. One this bridge limits is let go only on eDRV's own word, a read
+        of the session: let go, it would never be restored, and a webhook is not proof (unsigned where the
+        operator allows that, or replayed within the signature's window)."""
+        sid = session.id
+        if sid and (self.dispatcher.holds_limit(sid) or self.dispatcher.wants_limit(sid)
+                    or self.dispatcher.is_armed(sid)):
+            ended = await self._ended_on_edrv(sid)
+            if not ended:
+                log.warning("a webhook says limited session %s ended, but eDRV %s: it is still planned, and "
+                            "restored when its event ends", sid,
+                            "says it is still running" if ended is False else "could not be asked")
+                return
+        self._session_gone(session, at)
+
+    async def _ended_on_edrv(self, session_id: str) -> bool | None:
+        """Whether eDRV says the session ended (or does not know it); None when eDRV could not be asked."""
+        try:
+            return not (await self.client.get_session(session_id)).running
+        except EdrvNotFound:
+            return True
+        except EdrvError as exc:
+            log.debug("could not read session %s from eDRV: %s", session_id, exc)
+            return None
 
     def _session_gone(self, session: Session, at: datetime | None = None) -> None:
         station_id = session.chargestation_id
