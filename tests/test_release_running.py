@@ -74,3 +74,28 @@ async def test_release_all_while_the_daemon_runs_holds_and_the_vtn_hears_the_opt
     # The utility was told: the event is answered optOut (it was optIn).
     await until(lambda: answers(rig, event_id)[-1:] == ["optOut"], 15, bridge, "optOut at the VTN")
     assert answers(rig, event_id)[0] == "optIn"
+
+
+async def test_release_all_while_the_daemon_is_down_holds_through_its_next_start(rig, spawn, tmp_path):
+    config = rig.write_config(tmp_path / "dr-bridge.toml")
+    bridge = await spawn("run", "--config", str(config))
+    ven_id = await registered(rig, 1, bridge)
+    event_id = rig.vtn.add_event(ven_id, intervals=[(soon(2), timedelta(seconds=120), 2)], targets=TARGETS)
+    await limited(rig, bridge)
+    await bridge.sigkill()
+    mark = len(rig.sim.limit_calls())
+
+    release = await spawn("release-all", "--config", str(config))
+    assert await release.wait(60) == 0, release.stderr()
+    out = " ".join(release.stdout().split())
+    assert f"opted out of event {event_id}" in out and "the VTN is told when the bridge next runs" in out, out
+    assert sorted(kind for _, kind, _ in rig.sim.limit_calls()[mark:]) == ["clear_power_limit", "set_power_limit"]
+    assert limits_since(rig, mark) == []
+
+    # The restart finds the event still running: it must not limit again, and it tells the VTN.
+    again = await spawn("run", "--config", str(config))
+    await registered(rig, 2, again)
+    await until(lambda: answers(rig, event_id)[-1:] == ["optOut"], 20, again, "optOut at the VTN")
+    await asyncio.sleep(3)  # a pass or two after the start
+    assert limits_since(rig, mark) == [], "the restart limited the released sessions again"
+    assert rig.sim.session_limit(rig.sessions["A"][0]) is None and rig.sim.session_limit(rig.sessions["S"][0]) == 32
