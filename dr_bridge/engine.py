@@ -858,10 +858,26 @@ class Engine:
                 self.dispatcher.forget(session_id)  # a charger that reconnects may have lost its limits
             self.kick()
             return
+        # Taken as an outage, it restores the station's sessions and tells the VTN so: on eDRV's own word only,
+        # as a webhook is not proof (unsigned where the operator allows that).
+        if not await self._offline_on_edrv(station):
+            return
         self._offline.add(station_id)
         for live in self.events.values():
             if live.acting and live.status == ACTIVE and station_id in live.station_ids:
                 await self._outage(live, station)
+
+    async def _offline_on_edrv(self, station: Station) -> bool:
+        try:
+            online = (await self.client.get_chargestation(station.id)).online
+        except EdrvError as exc:
+            log.warning("a webhook says station %s went offline, but eDRV could not be asked (%s): it is still "
+                        "limited as before", station.resource_id, exc)
+            return False
+        if online:
+            log.warning("a webhook says station %s went offline, but eDRV says it is online: ignored",
+                        station.resource_id)
+        return not online
 
     async def _outage(self, live: LiveEvent, station: Station) -> None:
         """The station is offline during the event: opted out as an outage until it is back online. Already

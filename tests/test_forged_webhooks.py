@@ -92,3 +92,20 @@ async def test_without_a_secret_or_an_explicit_allowance_unsigned_webhooks_are_r
     await asyncio.sleep(max(0.0, (end - datetime.now(timezone.utc)).total_seconds()))
     await until(lambda: CLEAR in calls(rig, "A"), 20, child, "the restore at the end of the event")
     assert calls(rig, "A") == [LIMIT, CLEAR]
+
+
+async def test_a_forged_station_offline_neither_lifts_its_limits_nor_opts_it_out(rig, spawn, tmp_path):  # noqa: F811
+    # Taken as an outage, it would restore the station and tell the utility it is out of the event.
+    config = rig.write_config(tmp_path / "dr-bridge.toml")
+    child = await spawn("run", "--config", str(config))
+    await limited_event(rig, child, 60)
+    import json
+
+    at = datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+    body = json.dumps({"_id": uuid.uuid4().hex[:24], "object": "chargestation", "type": "chargestation.offline",
+                       "createdAt": at, "data": {"_id": rig.station_ids["A"], "online": False}}).encode()
+    assert await post(rig, body) == 200
+    await until(lambda: "eDRV says it is online" in child.stderr(), 10, child, "the bridge to say eDRV says otherwise")
+    await asyncio.sleep(3)  # passes enough to restore it, and for an opt-out to reach the VTN
+    assert calls(rig, "A") == [LIMIT] and rig.sim.session_limit(rig.sessions["A"][0]) == 16
+    assert rig.vtn.opts == [], "the VTN was told of an outage that eDRV knows nothing of"
