@@ -2,7 +2,8 @@
 (pages.py; behind the `http.token_env` token when one is configured).
 
 Webhooks are persisted before they are answered (200, empty body) and processed afterwards, so a crash
-between the two loses nothing; bad input gets a 4xx and one log line, never a 5xx.
+between the two loses nothing; bad input gets a 4xx and one log line, never a 5xx. Without a webhook secret
+they are refused unless `edrv.allow_unsigned_webhooks` says otherwise: the path is open to whoever reaches it.
 """
 from __future__ import annotations
 
