@@ -30,7 +30,7 @@ def check_config_command(config: str = typer.Option(..., "--config", help="The T
     except ConfigError as error:
         _fail(str(error))
 
-    for key, problem in config_warnings(cfg):
+    for key, problem in config_warnings(cfg) + webhook_warnings(cfg):
         if strict:
             _fail(f"{config}: {key}: {problem}")
         typer.echo(f"warning: {problem} ({key} in {config})", err=True)
@@ -53,11 +53,6 @@ def config_warnings(cfg: Config) -> list[tuple[str, str]]:
         warnings.append(("edrv.webhook_secret_env", f"environment variable {cfg.edrv.webhook_secret_env} "
                                                     "is not set; dr-bridge run will refuse to start without "
                                                     "the webhook secret"))
-    if cfg.edrv.allow_unsigned_webhooks:
-        warnings.append(("edrv.allow_unsigned_webhooks", _UNSIGNED_IGNORED if cfg.edrv.webhook_secret_env else
-                         f"webhooks are accepted unsigned: anyone who can reach {cfg.http.webhook_path} can post "
-                         "one (a session's start, a charger's refusal, power readings); set edrv.webhook_secret_env "
-                         "to eDRV's webhook secret instead"))
     if cfg.http.token_env and cfg.http_token() is None:
         warnings.append(("http.token_env", f"environment variable {cfg.http.token_env} is not set; "
                                            "the event-log pages cannot be opened"))
@@ -79,6 +74,17 @@ def config_warnings(cfg: Config) -> list[tuple[str, str]]:
                              f"{_num(station.max_current)} A is below bridge.min_current "
                              f"{_num(cfg.bridge.min_current)} A; every limit will follow below_min"))
     return warnings
+
+
+def webhook_warnings(cfg: Config) -> list[tuple[str, str]]:
+    """The allowance of unsigned webhooks, for check-config and for every start of the HTTP server that takes
+    them (not in config_warnings: a start refused before it serves anything need not say it)."""
+    if not cfg.edrv.allow_unsigned_webhooks:
+        return []
+    return [("edrv.allow_unsigned_webhooks", _UNSIGNED_IGNORED if cfg.edrv.webhook_secret_env else
+             f"webhooks are accepted unsigned: anyone who can reach {cfg.http.webhook_path} can post one (a "
+             "session's start, a charger's refusal, power readings); set edrv.webhook_secret_env to eDRV's webhook "
+             "secret instead")]
 
 
 _UNSIGNED_IGNORED = "allow_unsigned_webhooks is ignored: edrv.webhook_secret_env is set, so every webhook must be signed"

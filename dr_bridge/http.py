@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_late
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from dr_bridge import pages
+from dr_bridge.checkconfig import webhook_warnings
 from dr_bridge.edrv.webhooks import BadWebhook, parse, too_old_to_tell, verify
 from dr_bridge.eventlog import iso
 from dr_bridge.health import Reason
@@ -82,6 +83,8 @@ class HttpServer:
         self.port = site._server.sockets[0].getsockname()[1]
         log.info("HTTP on http://%s:%s (webhooks at %s; event log at /events%s)", self.cfg.http.host, self.port,
                  self.cfg.http.webhook_path, ", token required" if self.token_required else "")
+        for where, problem in webhook_warnings(self.cfg):
+            log.warning("config: %s (%s in %s)", problem, where, self.cfg.path)
         if not self.secret and not self.cfg.edrv.allow_unsigned_webhooks:
             # Safe, but the bridge then hears of sessions only by listing them, and gets no readings.
             log.warning("no webhook secret (edrv.webhook_secret_env): eDRV's webhooks are refused, so a session "
