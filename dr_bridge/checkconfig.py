@@ -30,7 +30,7 @@ def check_config_command(config: str = typer.Option(..., "--config", help="The T
     except ConfigError as error:
         _fail(str(error))
 
-    for key, problem in config_warnings(cfg):
+    for key, problem in config_warnings(cfg) + webhook_warnings(cfg):
         if strict:
             _fail(f"{config}: {key}: {problem}")
         typer.echo(f"warning: {problem} ({key} in {config})", err=True)
@@ -80,6 +80,31 @@ def config_warnings(cfg: Config) -> list[tuple[str, str]]:
     return warnings
 
 
+def webhook_warnings(cfg: Config) -> list[tuple[str, str]]:
+    """The allowance of unsigned webhooks, for check-config and for every start of the HTTP server that takes
+    them (not in config_warnings: a start refused before it serves anything need not say it)."""
+    if not cfg.edrv.allow_unsigned_webhooks:
+        return []
+    return [("edrv.allow_unsigned_webhooks", _UNSIGNED_IGNORED if cfg.edrv.webhook_secret_env else
+             f"webhooks are accepted unsigned: anyone who can reach {cfg.http.webhook_path} can post one (a "
+             "session's start, a charger's refusal, power readings); set edrv.webhook_secret_env to eDRV's webhook "
+             "secret instead")]
+
+
+_UNSIGNED_IGNORED = "allow_unsigned_webhooks is ignored: edrv.webhook_secret_env is set, so every webhook must be signed"
+
+
+def webhook_policy(cfg: Config) -> str:
+    """Which webhooks the bridge takes, in one line: the operator's answer to "can anyone post one?"."""
+    if cfg.edrv.webhook_secret_env:
+        state = "set" if cfg.webhook_secret() is not None else "NOT SET"
+        return f"signed only (secret from ${cfg.edrv.webhook_secret_env}, {state})"
+    if cfg.edrv.allow_unsigned_webhooks:
+        return "UNSIGNED ACCEPTED (edrv.allow_unsigned_webhooks = true)"
+    return ("all REFUSED (401): no edrv.webhook_secret_env; set it, or edrv.allow_unsigned_webhooks = true; "
+            "until then sessions are seen by listing only")
+
+
 def level_limit(setting: LevelSetting, station: StationConfig) -> tuple[float, int, str]:
     """The station budget at this level: (amps per phase, watts, unit it is sent in)."""
     watts_per_amp = station.voltage * station.phases
@@ -110,6 +135,7 @@ def settings_table(cfg: Config) -> Table:
         ("edrv", f"{cfg.edrv.base_url}  API key from ${cfg.edrv.api_key_env} ({key_state})"),
         ("database", _without_password(cfg.bridge.database_url)),
         ("http", f"{cfg.http.host}:{cfg.http.port}  webhooks at {cfg.http.webhook_path}"),
+        ("webhooks", webhook_policy(cfg)),
         ("mode", f"dry_run={_flag(cfg.bridge.dry_run)} (answers opt{cfg.bridge.dry_run_opt.capitalize()})  "
                  f"test_events={cfg.bridge.test_events}  min_current={_num(cfg.bridge.min_current)} A  "
                  f"below_min={cfg.bridge.below_min}"),

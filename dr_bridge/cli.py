@@ -93,7 +93,9 @@ def run_command(config: str = ConfigOpt,
     raise typer.Exit(code)
 
 
-@app.command("release-all", help="Emergency: restore every session the bridge still limits (no VTN needed).")
+@app.command("release-all", help="Emergency: restore every session the bridge still limits, and opt out of every "
+                                  "live event so that it holds (the running bridge, or the next start, tells the "
+                                  "VTN; no VTN needed here).")
 def release_all_command(config: str = ConfigOpt, debug: bool = DebugOpt) -> None:
     cfg = config_or_exit(config)
     api_key = api_key_or_exit(cfg)

@@ -131,6 +131,9 @@ class EdrvSection(_Section):
     base_url: str = "https://api.edrv.io/v1.1"
     api_key_env: str = "EDRV_API_KEY"
     webhook_secret_env: str | None = None
+    # Without a secret, webhooks are refused unless this says otherwise: the webhook path must be reachable
+    # by eDRV, so by anyone, and an unsigned webhook can say a session ended or a charger refused its limit.
+    allow_unsigned_webhooks: bool = False
     max_concurrency: int = Field(32, ge=1)
     request_timeout_s: float = Field(10.0, gt=0)
     limit_retries: int = Field(3, ge=0)

@@ -21,7 +21,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from dr_bridge import schedule, sharing
 from dr_bridge.dispatch import Desired, Dispatcher
 from dr_bridge.domain import ACTIVE, CANCELLED, COMPLETED, PENDING, Cap, Event, Limit, SignalInterval, Station
-from dr_bridge.edrv.errors import EdrvError
+from dr_bridge.edrv.errors import EdrvError, EdrvNotFound
 from dr_bridge.edrv.models import Session
 from dr_bridge.edrv.webhooks import Envelope, action_status
 from dr_bridge.edrvwatch import EdrvWatch
@@ -781,9 +781,12 @@ class Engine:
         if kind.startswith(("session.set_power_limit.", "session.clear_power_limit.")):
             self._action_outcome(env)
         elif kind in ("session.started", "session.updated"):
-            self._session_seen(Session.from_json(env.data), env)
+            session = Session.from_json(env.data)
+            self._session_seen(session, env)
+            if session.status.lower() in ("ended", "cancelled"):
+                await self._ended_by_webhook(session, session.energy_report_at or env.created_at or utcnow())
         elif kind in ("session.ended", "session.cancelled"):
-            self._session_gone(Session.from_json(env.data), env.created_at or utcnow())
+            await self._ended_by_webhook(Session.from_json(env.data), env.created_at or utcnow())
         elif kind in ("chargestation.offline", "chargestation.online"):
             await self._station_link(str(env.data.get("_id") or ""), kind.endswith("online"))
         else:
@@ -824,14 +827,37 @@ class Engine:
                                                  session_id=session.id, chargestation_id=station_id,
                                                  power_kw=session.power_kw, current_a=session.current_a), {}))
         if not session.running:
-            if session.status and session.status.lower() in ("ended", "cancelled"):
-                self._session_gone(session, session.energy_report_at or env.created_at or utcnow())
             return
         self.fleet.note_need(session)
         if self.fleet.started(station_id, session.id):
             if any(station_id in live.station_ids and live.status == ACTIVE for live in self.events.values()):
                 log.info("session %s started on %s during an event: sharing its budget", session.id, station_id)
                 self.kick_stations({station_id})
+
+    async def _ended_by_webhook(self, session: Session, at: datetime) -> None:
+        """A webhook says the session ended. One this bridge limits is let go only on eDRV's own word, a read
+        of the session: let go, it would never be restored, and a webhook is not proof (unsigned where the
+        operator allows that, or replayed within the signature's window)."""
+        sid = session.id
+        if sid and (self.dispatcher.holds_limit(sid) or self.dispatcher.wants_limit(sid)
+                    or self.dispatcher.is_armed(sid)):
+            ended = await self._ended_on_edrv(sid)
+            if not ended:
+                log.warning("a webhook says limited session %s ended, but eDRV %s: it is still planned, and "
+                            "restored when its event ends", sid,
+                            "says it is still running" if ended is False else "could not be asked")
+                return
+        self._session_gone(session, at)
+
+    async def _ended_on_edrv(self, session_id: str) -> bool | None:
+        """Whether eDRV says the session ended (or does not know it); None when eDRV could not be asked."""
+        try:
+            return not (await self.client.get_session(session_id)).running
+        except EdrvNotFound:
+            return True
+        except EdrvError as exc:
+            log.debug("could not read session %s from eDRV: %s", session_id, exc)
+            return None
 
     def _session_gone(self, session: Session, at: datetime | None = None) -> None:
         station_id = session.chargestation_id
@@ -866,10 +892,26 @@ class Engine:
                 self.dispatcher.forget(session_id)  # a charger that reconnects may have lost its limits
             self.kick()
             return
+        # Taken as an outage, it restores the station's sessions and tells the VTN so: on eDRV's own word only,
+        # as a webhook is not proof (unsigned where the operator allows that).
+        if not await self._offline_on_edrv(station):
+            return
         self._offline.add(station_id)
         for live in self.events.values():
             if live.acting and live.status == ACTIVE and station_id in live.station_ids:
                 await self._outage(live, station)
+
+    async def _offline_on_edrv(self, station: Station) -> bool:
+        try:
+            online = (await self.client.get_chargestation(station.id)).online
+        except EdrvError as exc:
+            log.warning("a webhook says station %s went offline, but eDRV could not be asked (%s): it is still "
+                        "limited as before", station.resource_id, exc)
+            return False
+        if online:
+            log.warning("a webhook says station %s went offline, but eDRV says it is online: ignored",
+                        station.resource_id)
+        return not online
 
     async def _outage(self, live: LiveEvent, station: Station) -> None:
         """The station is offline during the event: opted out as an outage until it is back online. Already
@@ -927,9 +969,12 @@ class Engine:
         elif (now - self._refused_since).total_seconds() >= self.cfg.edrv.action_timeout_s:
             self.readiness.raise_(Reason.WEBHOOKS_SILENT, (
                 f"eDRV's webhooks reach the bridge but are refused since {iso(self._refused_since)} ({reason}): "
-                f"{self.cfg.edrv.webhook_secret_env or 'the webhook secret'} must hold the signing secret eDRV "
-                f"shows for this webhook endpoint. Meanwhile the bridge hears no charger's answer, and finds "
-                f"sessions starting or ending only by listing"))
+                + (f"{self.cfg.edrv.webhook_secret_env} must hold the signing secret eDRV shows for this webhook "
+                   f"endpoint" if self.cfg.edrv.webhook_secret_env else
+                   "set edrv.webhook_secret_env to the variable holding the signing secret eDRV shows for this "
+                   "webhook endpoint")
+                + ". Meanwhile the bridge hears no charger's answer, and finds sessions starting or ending only "
+                  "by listing"))
 
     def _webhooks_silent(self, rows, timeout_s: float) -> bool:
         """No webhook of any kind since the oldest of these calls was answered: eDRV's webhooks do not reach

@@ -2,7 +2,8 @@
 (pages.py; behind the `http.token_env` token when one is configured).
 
 Webhooks are persisted before they are answered (200, empty body) and processed afterwards, so a crash
-between the two loses nothing; bad input gets a 4xx and one log line, never a 5xx.
+between the two loses nothing; bad input gets a 4xx and one log line, never a 5xx. Without a webhook secret
+they are refused unless `edrv.allow_unsigned_webhooks` says otherwise: the path is open to whoever reaches it.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_late
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from dr_bridge import pages
+from dr_bridge.checkconfig import webhook_warnings
 from dr_bridge.edrv.webhooks import BadWebhook, parse, too_old_to_tell, verify
 from dr_bridge.eventlog import iso
 from dr_bridge.health import Reason
@@ -28,6 +30,8 @@ log = logging.getLogger("dr_bridge.http")
 MAX_WEBHOOK_BYTES = 1 << 20
 WEBHOOK_TRIES = 3  # handling a webhook, before it is left for the next start to replay
 WEBHOOK_RETRY_S = 1.0  # times the attempt number
+UNSIGNED_REFUSED = ("unsigned webhooks are refused: no webhook secret is configured (set edrv.webhook_secret_env, "
+                    "or edrv.allow_unsigned_webhooks = true to accept them unsigned)")
 
 
 class Metrics:
@@ -69,6 +73,7 @@ class HttpServer:
         self.port: int | None = None
         self._tasks: set[asyncio.Task] = set()
         self._variants_seen: set[str] = set()
+        self._unsigned_refused = 0
 
     async def start(self) -> None:
         self.runner = web.AppRunner(self.app, access_log=None)
@@ -78,6 +83,13 @@ class HttpServer:
         self.port = site._server.sockets[0].getsockname()[1]
         log.info("HTTP on http://%s:%s (webhooks at %s; event log at /events%s)", self.cfg.http.host, self.port,
                  self.cfg.http.webhook_path, ", token required" if self.token_required else "")
+        for where, problem in webhook_warnings(self.cfg):
+            log.warning("config: %s (%s in %s)", problem, where, self.cfg.path)
+        if not self.secret and not self.cfg.edrv.allow_unsigned_webhooks:
+            # Safe, but the bridge then hears of sessions only by listing them, and gets no readings.
+            log.warning("no webhook secret (edrv.webhook_secret_env): eDRV's webhooks are refused, so a session "
+                        "starting mid-event waits for the next listing (edrv.reconcile_interval_s) and there is no "
+                        "telemetry; set the secret, or edrv.allow_unsigned_webhooks = true to accept them unsigned")
         if self.token_required and self.cfg.http_token() is None:
             log.warning("http.token_env names %s, which is unset: the event-log pages refuse every request",
                         self.cfg.http.token_env)
@@ -110,12 +122,14 @@ class HttpServer:
             variant = None
             if self.secret:
                 variant = verify(request.headers.get("edrv-signature"), body, self.secret, time.time())
+            elif not self.cfg.edrv.allow_unsigned_webhooks:
+                raise BadWebhook(401, UNSIGNED_REFUSED)
             env = parse(body)
             # processed webhooks (the duplicate check) are kept as long as readings
             too_old_to_tell(variant, env.created_at, utcnow(),
                             self.bridge.engine.cfg.bridge.readings_retention_days * 86400)
         except BadWebhook as exc:
-            log.warning("webhook from %s refused (%d): %s", peer, exc.status, exc.reason)
+            self._refused(peer, exc)
             if exc.status == 401:
                 self.bridge.engine.webhook_refused(exc.reason)
             return web.Response(status=exc.status)
@@ -134,6 +148,16 @@ class HttpServer:
                 log.info("webhook signatures verified as %s", variant)
             self._process(env.id, env)
         return web.Response(status=200)
+
+    def _refused(self, peer: str | None, exc: BadWebhook) -> None:
+        if exc.reason is not UNSIGNED_REFUSED:
+            log.warning("webhook from %s refused (%d): %s", peer, exc.status, exc.reason)
+            return
+        # Every webhook eDRV sends is refused for the same reason, energy reports every minute per session:
+        # said once at WARNING (and at start, by the config warnings), then counted at DEBUG.
+        self._unsigned_refused += 1
+        log.log(logging.WARNING if self._unsigned_refused == 1 else logging.DEBUG,
+                "webhook from %s refused (401): %s (%d refused so far)", peer, exc.reason, self._unsigned_refused)
 
     def _process(self, webhook_id: str, env) -> None:
         async def run() -> None:

@@ -91,7 +91,9 @@ class Rig:
             "bridge": {"database_url": f"sqlite:///{self.workdir / 'dr-bridge.db'}", **self.bridge_options},
             "vtn": {"url": self.vtn.url, "ven_name": "dr-bridge-rig", **self.vtn_options},
             "edrv": {"base_url": self.sim.base_url, "api_key_env": "DR_BRIDGE_RIG_KEY",
-                     **({"webhook_secret_env": WEBHOOK_SECRET_ENV} if self.webhook_secret else {}),
+                     # the simulator signs only with a secret; without one the rig says so in its config
+                     **({"webhook_secret_env": WEBHOOK_SECRET_ENV} if self.webhook_secret
+                        else {"allow_unsigned_webhooks": True}),
                      **self.edrv_options},
             "http": {"host": "127.0.0.1", "port": self.http_port},
             "levels": {"1": {"fraction": 0.75}, "2": {"fraction": 0.5}, "3": {"current": 6}},

@@ -392,3 +392,29 @@ def test_restore_spread_s_must_fit_within_max_restore_spread_s(tmp_path: Path):
         load_config(path)
     assert str(raised.value) == f"{path}: bridge.restore_spread_s: must be at most max_restore_spread_s (300)"
     assert load_config(write(tmp_path, BASE, "default.toml")).bridge.max_restore_spread_s == 3600
+
+
+# --- webhook signatures ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("edrv, env, says, warning", [
+    ("", {}, "webhooks  all REFUSED (401): no edrv.webhook_secret_env", None),
+    ("allow_unsigned_webhooks = true\n", {}, "webhooks  UNSIGNED ACCEPTED (edrv.allow_unsigned_webhooks = true)",
+     "warning: webhooks are accepted unsigned: anyone who can reach /edrv/webhooks can post one"),
+    ('webhook_secret_env = "HOOK_SECRET"\n', {"HOOK_SECRET": "s"},
+     "webhooks  signed only (secret from $HOOK_SECRET, set)", None),
+    ('webhook_secret_env = "HOOK_SECRET"\nallow_unsigned_webhooks = true\n', {"HOOK_SECRET": "s"},
+     "webhooks  signed only (secret from $HOOK_SECRET, set)",
+     "warning: allow_unsigned_webhooks is ignored: edrv.webhook_secret_env is set"),
+])
+def test_check_config_says_which_webhooks_are_taken(tmp_path: Path, edrv, env, says, warning):
+    """Unsigned webhooks are refused unless the config says otherwise in so many words; check-config says
+    which applies, and warns of the allowance (as every start of the daemon does)."""
+    path = write(tmp_path, BASE.replace('api_key_env = "EDRV_API_KEY"\n', f'api_key_env = "EDRV_API_KEY"\n{edrv}'))
+    result = check_config(path, env={**WITH_KEY, **env})
+    assert result.exit_code == 0, result.output
+    assert " ".join(says.split()) in " ".join(result.stdout.split()), result.stdout
+    if warning is None:
+        assert result.stderr == ""
+    else:
+        assert result.stderr.startswith(warning) and "edrv.allow_unsigned_webhooks in" in result.stderr, \
+            result.stderr
