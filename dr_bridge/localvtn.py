@@ -142,6 +142,8 @@ class LocalVtn:
         self._event_ven: dict[str, str] = {}  # event_id -> ven_id
         self._added: dict[str, objects.Event] = {}  # event_id -> the event as last added or changed
         self._started = False
+        self._rewrites: list[list] = []  # [rewrite, answers left to rewrite]
+        self.rewritten = 0  # answers sent as a rewrite changed them
 
         with warnings.catch_warnings():
             # openleadr stores itself under a plain string app key, which newer aiohttp warns about.
@@ -154,6 +156,7 @@ class LocalVtn:
                                         ven_lookup=self._ven_lookup, verify_message_signatures=tls is not None,
                                         **tls_options)
         self.tls = tls
+        self.server.app.middlewares.append(self._rewriting)  # now: aiohttp freezes middlewares on start
         self.server.add_handler("on_create_party_registration", self._on_create_party_registration)
         self.server.add_handler("on_register_report", self._on_register_report)
 
@@ -199,6 +202,28 @@ class LocalVtn:
         if self._started:
             self._started = False
             await self.server.stop()
+
+    # ---- raw answers ------------------------------------------------------------------------------------
+
+    def rewrite_answers(self, rewrite: Callable[[str], str | None], times: int = 1) -> None:
+        """Send the next `times` answers that `rewrite` changes as it changed them (it returns None to leave
+        an answer as it is): XML a third-party VTN sends that openleadr's templates cannot render. The
+        rewritten XML is not re-signed."""
+        self._rewrites.append([rewrite, times])
+
+    @web.middleware
+    async def _rewriting(self, request: web.Request, handler: Callable) -> web.StreamResponse:
+        response = await handler(request)
+        if self._rewrites and isinstance(response, web.Response) and response.text:
+            entry = self._rewrites[0]
+            text = entry[0](response.text)
+            if text is not None:
+                response.text = text
+                self.rewritten += 1
+                entry[1] -= 1
+                if entry[1] <= 0:
+                    self._rewrites.pop(0)
+        return response
 
     # ---- registration -----------------------------------------------------------------------------------
 

@@ -19,7 +19,9 @@ from datetime import datetime, timedelta, timezone
 from functools import partial
 from typing import Any
 
+from lxml.etree import XMLSyntaxError
 from openleadr import OpenADRClient, enums, objects, utils
+from openleadr import client as openleadr_client
 
 from dr_bridge.domain import Event, SignalInterval
 
@@ -30,6 +32,32 @@ openleadr_log = logging.getLogger("openleadr")
 openleadr_log.setLevel(logging.WARNING)
 
 OPT_TYPES = ("optIn", "optOut")
+
+
+def _refusing_doctype(validate: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """openleadr's schema validation, but a message with a document type declaration is refused first.
+
+    The lxml wheels (libxml2 2.14) crash the process (SIGSEGV: no restore, no log line) validating a
+    message that uses an internal entity; OpenADR messages never need one. Refused as a malformed message
+    is (XMLSyntaxError): openleadr logs one warning and drops it, and the VEN goes on polling.
+    """
+    def guarded(content: Any) -> Any:
+        try:
+            text = content.decode("utf-8") if isinstance(content, bytes) else str(content)
+        except UnicodeDecodeError:  # openleadr itself reads messages as UTF-8 only
+            raise XMLSyntaxError("refused a message that is not UTF-8", 0, 1, 1) from None
+        if "<!DOCTYPE" in text or "<!ENTITY" in text:
+            raise XMLSyntaxError("refused a message with a DOCTYPE or ENTITY declaration (not allowed in "
+                                 "OpenADR; it could crash the XML parser)", 0, 1, 1)
+        return validate(content)
+
+    guarded.__wrapped__ = validate  # type: ignore[attr-defined]
+    return guarded
+
+
+# The client's only way into lxml for what the VTN sends (OpenADRClient._perform_request).
+if not hasattr(openleadr_client.validate_xml_schema, "__wrapped__"):
+    openleadr_client.validate_xml_schema = _refusing_doctype(openleadr_client.validate_xml_schema)
 
 OnEvent = Callable[[Event], Awaitable[tuple[str, str]]]
 OnRegistered = Callable[[str, str], Awaitable[None] | None]
