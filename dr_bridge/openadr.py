@@ -13,6 +13,7 @@ import dataclasses
 import inspect
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -63,6 +64,7 @@ OnEvent = Callable[[Event], Awaitable[tuple[str, str]]]
 OnRegistered = Callable[[str, str], Awaitable[None] | None]
 OnEventList = Callable[[set[str]], Awaitable[None] | None]
 
+WATCH_S = 5.0  # how often a registered VEN checks that it still polls (a lost registration is told at once)
 TELEMETRY_REPORT_ID = "dr-bridge-telemetry-usage"  # stable, so a VTN sees the same report after a restart
 
 
@@ -275,17 +277,30 @@ class _HeldRecords(logging.Filter):
 
 
 class _Client(OpenADRClient):
-    """OpenADRClient with a registration notice and a re-registration that does not kill the client."""
+    """OpenADRClient with a registration notice, a re-registration that does not kill the client, and a
+    notice when the registration is lost."""
 
-    def __init__(self, *args: Any, after_registration: Callable[[], Awaitable[None]], **kwargs: Any):
+    def __init__(self, *args: Any, after_registration: Callable[[], Awaitable[None]],
+                 on_lost: Callable[[str], None], **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._after_registration = after_registration
+        self._on_lost = on_lost
 
     async def create_party_registration(self, *args: Any, **kwargs: Any) -> Any:
         result = await super().create_party_registration(*args, **kwargs)
+        if result is None:
+            # openleadr keeps the registration id it had when the VTN answers with an error or not at all,
+            # so a refused re-registration looked like a registration that still stood.
+            self.registration_id = None
         if self.registration_id:
             await self._after_registration()
         return result
+
+    async def on_cancel_party_registration(self, message: dict) -> None:
+        # openleadr answers the VTN and removes every job, polling included, and the VEN went deaf.
+        await super().on_cancel_party_registration(message)
+        if not self.registration_id:
+            self._on_lost("the VTN cancelled the registration")
 
     async def _on_event(self, message: dict) -> None:
         # openleadr forgets its answer to a cancelled or completed event but keeps the event for minutes.
@@ -307,11 +322,11 @@ class _Client(OpenADRClient):
 
     async def create_party_reregistration(self, registration_id: str | None = None) -> None:
         # openleadr stops the whole client (scheduler and session) when re-registration fails, so the VEN
-        # would never poll again. Keep polling instead: the VTN asks again on the next poll.
+        # would never poll again. The Ven registers afresh instead, with backoff.
         await self.create_party_registration(ven_id=self.ven_id,
                                              registration_id=registration_id or self.registration_id)
         if not self.registration_id:
-            log.warning("re-registration with the VTN failed; will retry when the VTN asks again")
+            self._on_lost("the VTN asked for a re-registration, which failed")
             return
         # The VTN asks for reports afresh; the old requests' jobs would keep sending to ids it forgot.
         for request in self.report_requests:
@@ -358,6 +373,10 @@ class Ven:
         self._reported: tuple[str, str] | None = None
         self._polls_in_flight = 0
         self._stopping = asyncio.Event()
+        self._lost = asyncio.Event()  # set by the client when the registration is gone
+        self._lost_reason: str | None = None
+        self._registered_at = 0.0  # time.monotonic() of the last registration
+        self._watcher: asyncio.Task | None = None
 
     # ---- state ------------------------------------------------------------------------------------------
 
@@ -373,13 +392,53 @@ class Ven:
 
     @property
     def registered(self) -> bool:
-        return bool(self._client and self._client.registration_id and self._client.scheduler.running)
+        """Registered, and polling: without its poll job the VEN hears no event."""
+        client = self._client
+        if not (client and client.registration_id and client.scheduler.running):
+            return False
+        return any(job.func is client._poll for job in client.scheduler.get_jobs())
 
     # ---- lifecycle --------------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Register with the VTN, retrying with backoff until it answers; returns once polling."""
+        """Register with the VTN, retrying with backoff until it answers; returns once polling, and from
+        then on registers again whenever the registration is lost, until stop()."""
         self._stopping.clear()
+        await self._register()
+        if self.registered and self._watcher is None:
+            self._watcher = asyncio.create_task(self._watch(), name="ven-registration")
+
+    async def _watch(self) -> None:
+        """Registers again, with backoff, once the VTN cancelled the registration, refused a re-registration
+        or polling stopped: /readyz says not registered meanwhile (registered is False)."""
+        delay = self._backoff_initial_s
+        while not self._stopping.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._lost.wait(), WATCH_S)
+            if self._stopping.is_set():
+                return
+            if not self._lost.is_set() and self.registered:
+                continue
+            reason = self._lost_reason or "polling stopped"
+            self._lost.clear()
+            self._lost_reason = None
+            since = time.monotonic() - self._registered_at
+            if since > self._backoff_max_s:
+                delay = self._backoff_initial_s  # a long-standing registration: not a VTN that keeps cancelling
+            wait = random.uniform(delay / 2, delay)
+            log.warning("VTN %s: registration lost (%s); registering again in %.1f s", self.vtn_url, reason, wait)
+            await self._retire_client()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), wait)
+            delay = min(delay * 2, self._backoff_max_s)
+            await self._register()
+
+    def _registration_lost(self, reason: str) -> None:
+        self._lost_reason = reason
+        self._lost.set()
+
+    async def _register(self) -> None:
+        """The registration loop: a new client per attempt, with jittered backoff, until registered."""
         delay = self._backoff_initial_s
         attempt = 0
         while not self._stopping.is_set():
@@ -398,6 +457,7 @@ class Ven:
                 break
             if self.registered:
                 held.replay()
+                self._registered_at = time.monotonic()
                 log.info("registered with VTN %s as ven_id=%s", self.vtn_url, self.ven_id)
                 return
             await self._close_client()
@@ -410,16 +470,28 @@ class Ven:
 
     async def stop(self) -> None:
         self._stopping.set()
-        if self._client is not None:
-            if self._client.scheduler.running:
-                # Not idempotent: the asyncio scheduler only stops on the next loop turn.
-                self._client.scheduler.shutdown(wait=False)
-            # Closing the session under a running poll makes APScheduler log a traceback; let it finish.
-            for _ in range(100):
-                if self._polls_in_flight == 0:
-                    break
-                await asyncio.sleep(0.05)
-            await self._close_client()
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None and watcher is not asyncio.current_task():
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+        await self._retire_client()
+
+    async def _retire_client(self) -> None:
+        """Stop the client's jobs (polls, reports) and close its session."""
+        client = self._client
+        if client is None:
+            return
+        if client.scheduler.running:
+            # Not idempotent: the asyncio scheduler only stops on the next loop turn.
+            client.scheduler.shutdown(wait=False)
+        if client.report_queue_task is not None:
+            client.report_queue_task.cancel()
+        # Closing the session under a running poll makes APScheduler log a traceback; let it finish.
+        for _ in range(100):
+            if self._polls_in_flight == 0:
+                break
+            await asyncio.sleep(0.05)
+        await self._close_client()
 
     def _new_client(self) -> _Client:
         if self._client is not None and self._client.ven_id:
@@ -427,7 +499,7 @@ class Ven:
         client = _Client(ven_name=self.ven_name, vtn_url=self.vtn_url, ven_id=self._ven_id,
                          cert=self._cert, key=self._key, ca_file=self._ca_file,
                          vtn_fingerprint=self._vtn_fingerprint, show_fingerprint=False,
-                         after_registration=self._after_registration)
+                         after_registration=self._after_registration, on_lost=self._registration_lost)
         if self._cert:
             with open(self._cert, "rb") as f:
                 log.info("VEN certificate fingerprint: %s", utils.certificate_fingerprint(f.read()))
