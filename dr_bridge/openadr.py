@@ -20,11 +20,13 @@ from datetime import datetime, timedelta, timezone
 from functools import partial
 from typing import Any
 
+from lxml import etree
 from lxml.etree import XMLSyntaxError
 from openleadr import OpenADRClient, enums, objects, utils
 from openleadr import client as openleadr_client
 
 from dr_bridge.domain import Event, SignalInterval
+from dr_bridge.targets import UNREADABLE
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +116,17 @@ def _as_bool(value: Any) -> bool:
     return bool(value)
 
 
+# openleadr's name of each EMIX location target -> the bridge's (targets.LOCATION_KINDS) and the key of its id.
+_LOCATIONS = {"aggregated_pnode": ("aggregatedPnode", "node"), "end_device_asset": ("endDeviceAsset", "mrid"),
+              "meter_asset": ("meterAsset", "mrid"), "pnode": ("pnode", "node"),
+              "service_area": ("serviceArea", "id"), "service_delivery_point": ("serviceDeliveryPoint", "node"),
+              "service_location": ("serviceLocation", "id")}
+_PLAIN_TARGETS = ("resource_id", "group_id", "group_name", "ven_id", "party_id")
+
+
 def _targets(d: dict) -> dict[str, list[str]]:
+    """{kind: ids}; a target no id could be read from is listed by kind under targets.UNREADABLE, so it
+    selects no station rather than, read as no target at all, every one."""
     by_type = d.get("targets_by_type")
     if not by_type:
         by_type = {}
@@ -124,13 +136,46 @@ def _targets(d: dict) -> dict[str, list[str]]:
                     by_type.setdefault(kind, []).append(value)
     result: dict[str, list[str]] = {}
     for kind, values in by_type.items():
-        if not isinstance(values, list):
-            values = [values]
-        # EMIX targets (endDeviceAsset, ...) arrive as nested dicts; the bridge only routes on plain ids.
-        ids = [str(v) for v in values if isinstance(v, (str, int))]
-        if ids:
-            result[kind] = ids
+        name, key = _LOCATIONS.get(kind, (kind, None))
+        for value in values if isinstance(values, list) else [values]:
+            if value is None:
+                continue
+            ident = value.get(key) if key is not None and isinstance(value, dict) else value
+            if kind in _PLAIN_TARGETS or key is not None:
+                if isinstance(ident, (str, int)) and str(ident).strip():
+                    result.setdefault(name, []).append(str(ident).strip())
+                    continue
+            result.setdefault(UNREADABLE, []).append(_camel(name))
     return result
+
+
+def _camel(kind: str) -> str:
+    head, *rest = kind.split("_")
+    return head + "".join(part.capitalize() for part in rest)
+
+
+_NS = {"ei": "http://docs.oasis-open.org/ns/energyinterop/201110", "gml": "http://www.opengis.net/gml/3.2",
+       "emix": "http://docs.oasis-open.org/ns/emix/2011/06", "power": "http://docs.oasis-open.org/ns/emix/2011/06/power"}
+_FEATURE_TARGETS = (("service_area", "ei:eiTarget/emix:serviceArea/gml:FeatureCollection"),
+                    ("service_location", "ei:eiTarget/power:serviceLocation/gml:FeatureCollection"))
+_SAFE_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False)
+
+
+def feature_ids(xml: str) -> dict[str, dict[str, list[str | None]]]:
+    """{event_id: {"service_area"|"service_location": [gml:id of each FeatureCollection, None without]}}.
+
+    openleadr drops XML attributes, and with them the only id an area or a location has.
+    """
+    if "FeatureCollection" not in xml:
+        return {}
+    found: dict[str, dict[str, list[str | None]]] = {}
+    for event in etree.fromstring(xml.encode(), _SAFE_PARSER).iterfind(".//ei:eiEvent", _NS):
+        event_id = event.findtext("ei:eventDescriptor/ei:eventID", namespaces=_NS)
+        for kind, path in _FEATURE_TARGETS:
+            ids = [fc.get(f"{{{_NS['gml']}}}id") for fc in event.iterfind(path, _NS)]
+            if ids and event_id is not None:
+                found.setdefault(event_id, {})[kind] = ids
+    return found
 
 
 def _signals(d: dict) -> list[dict]:
@@ -242,6 +287,17 @@ def _repair_timestamps(event: dict) -> None:
     for signal in _signals(event):
         for interval in signal.get("intervals") or []:
             fix(interval, "dtstart")
+
+
+def _restore_feature_ids(event: dict, found: dict[str, dict[str, list[str | None]]]) -> None:
+    """Give each serviceArea/serviceLocation target of the event the id openleadr dropped, in place."""
+    by_type = event.get("targets_by_type")
+    ids = found.get(str((event.get("event_descriptor") or {}).get("event_id")))
+    if not ids or not isinstance(by_type, dict):
+        return
+    for kind, feature in ids.items():
+        if kind in by_type:
+            by_type[kind] = [{"id": i} for i in feature]
 
 
 async def _maybe_await(result: Any) -> Any:
@@ -374,6 +430,7 @@ class Ven:
         self._polls_in_flight = 0
         self._stopping = asyncio.Event()
         self._lost = asyncio.Event()  # set by the client when the registration is gone
+        self._feature_ids: dict[str, dict[str, list[str | None]]] = {}  # of the message being parsed
         self._lost_reason: str | None = None
         self._registered_at = 0.0  # time.monotonic() of the last registration
         self._watcher: asyncio.Task | None = None
@@ -505,6 +562,7 @@ class Ven:
                 log.info("VEN certificate fingerprint: %s", utils.certificate_fingerprint(f.read()))
         client.add_handler("on_event", self._handle_event)
         client.add_handler("on_update_event", self._handle_event)
+        client.add_hook("before_parse_xml", self._before_parse_xml)
         client.add_hook("after_parse_xml", self._after_parse_xml)
         if self._telemetry is not None:
             self._offer_telemetry(client, self._telemetry)
@@ -604,11 +662,20 @@ class Ven:
                 asyncio.get_running_loop().call_soon(self._client.forget_event, event_id)
             return "optOut"
 
+    def _before_parse_xml(self, xml: str) -> None:
+        if "oadrDistributeEvent" in xml:
+            try:
+                self._feature_ids.update(feature_ids(xml))
+            except Exception as exc:  # valid against the schema already; whatever it is, never fatal
+                log.warning("could not read the location targets of a distributed event: %s", exc)
+
     async def _after_parse_xml(self, message_type: str, payload: dict) -> None:
         if message_type != "oadrDistributeEvent":
             return
         for event in payload.get("events") or []:
             _repair_timestamps(event)
+            _restore_feature_ids(event, self._feature_ids)
+        self._feature_ids.clear()
         response_code = (payload.get("response") or {}).get("response_code", 200)
         if response_code != 200 or self._on_event_list is None:
             # An openleadr VTN answers a failed oadrRequestEvent with an empty, non-200 distribution:
