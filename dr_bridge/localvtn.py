@@ -22,9 +22,16 @@ from typing import TypeVar
 import ephemeral_port_reserve
 from aiohttp import web
 from openleadr import OpenADRServer, enums, errors, objects, utils
-from openleadr.service import OptService, VTNService, handler
+from openleadr.service import OptService, VTNService, handler, vtn_service
+
+from dr_bridge.openadr import refusing_doctype
 
 log = logging.getLogger(__name__)
+
+# What VENs send is validated with the same lxml: a DOCTYPE is answered 400, as openleadr answers any
+# malformed message, instead of crashing the process (the demo's, say).
+if not hasattr(vtn_service.validate_xml_schema, "__wrapped__"):
+    vtn_service.validate_xml_schema = refusing_doctype(vtn_service.validate_xml_schema)
 
 IntervalSpec = tuple[datetime, timedelta, float]  # (start, duration, value); duration 0 = open-ended
 T = TypeVar("T")

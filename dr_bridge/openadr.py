@@ -37,7 +37,7 @@ openleadr_log.setLevel(logging.WARNING)
 OPT_TYPES = ("optIn", "optOut")
 
 
-def _refusing_doctype(validate: Callable[[Any], Any]) -> Callable[[Any], Any]:
+def refusing_doctype(validate: Callable[[Any], Any]) -> Callable[[Any], Any]:
     """openleadr's schema validation, but a message with a document type declaration is refused first.
 
     The lxml wheels (libxml2 2.14) crash the process (SIGSEGV: no restore, no log line) validating a
@@ -58,9 +58,10 @@ def _refusing_doctype(validate: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return guarded
 
 
-# The client's only way into lxml for what the VTN sends (OpenADRClient._perform_request).
+# The client's only way into lxml for what the VTN sends (OpenADRClient._perform_request); LocalVtn guards
+# the VTN side likewise.
 if not hasattr(openleadr_client.validate_xml_schema, "__wrapped__"):
-    openleadr_client.validate_xml_schema = _refusing_doctype(openleadr_client.validate_xml_schema)
+    openleadr_client.validate_xml_schema = refusing_doctype(openleadr_client.validate_xml_schema)
 
 OnEvent = Callable[[Event], Awaitable[tuple[str, str]]]
 OnRegistered = Callable[[str, str], Awaitable[None] | None]

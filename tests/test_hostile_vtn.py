@@ -38,3 +38,24 @@ async def test_a_message_with_an_xml_entity_is_refused_logged_and_the_bridge_goe
     assert bridge.alive
     refused = [line for line in bridge.stderr().splitlines() if "DOCTYPE" in line]
     assert len(refused) == 1, refused
+
+
+async def test_the_local_vtn_answers_a_message_with_an_entity_400_and_keeps_serving():
+    """The demo's VTN parses what VENs send with the same lxml (a regression here crashes the test process)."""
+    import aiohttp
+
+    from dr_bridge.localvtn import LocalVtn
+
+    vtn = LocalVtn()
+    await vtn.start()
+    try:
+        poll = ('<?xml version="1.0" encoding="utf-8"?>\n<!DOCTYPE oadrPayload [<!ENTITY v "VEN-1">]>\n'
+                '<oadr:oadrPayload xmlns:oadr="http://openadr.org/oadr-2.0b/2012/07"><oadr:oadrSignedObject>'
+                '<oadr:oadrPoll ei:schemaVersion="2.0b" xmlns:ei="http://docs.oasis-open.org/ns/energyinterop/201110">'
+                '<ei:venID>&v;</ei:venID></oadr:oadrPoll></oadr:oadrSignedObject></oadr:oadrPayload>')
+        async with aiohttp.ClientSession(headers={"content-type": "application/xml"}) as session:
+            for _ in range(2):  # and again: it is still there
+                async with session.post(f"{vtn.url}/OadrPoll", data=poll) as answer:
+                    assert answer.status == 400 and "DOCTYPE" in await answer.text()
+    finally:
+        await vtn.stop()
