@@ -68,6 +68,9 @@ OnRegistered = Callable[[str, str], Awaitable[None] | None]
 OnEventList = Callable[[set[str]], Awaitable[None] | None]
 
 WATCH_S = 5.0  # how often a registered VEN checks that it still polls (a lost registration is told at once)
+# A VTN that answered none of this many polls in a row, and for at least SILENT_MIN_S, is reported silent.
+SILENT_POLLS = 3
+SILENT_MIN_S = 10.0
 TELEMETRY_REPORT_ID = "dr-bridge-telemetry-usage"  # stable, so a VTN sees the same report after a restart
 
 
@@ -434,6 +437,8 @@ class Ven:
         self._feature_ids: dict[str, dict[str, list[str | None]]] = {}  # of the message being parsed
         self._lost_reason: str | None = None
         self._registered_at = 0.0  # time.monotonic() of the last registration
+        self._last_answer = 0.0  # time.monotonic() of the VTN's last answer to a poll
+        self._told_silent = False
         self._watcher: asyncio.Task | None = None
 
     # ---- state ------------------------------------------------------------------------------------------
@@ -456,6 +461,17 @@ class Ven:
             return False
         return any(job.func is client._poll for job in client.scheduler.get_jobs())
 
+    def vtn_silent(self) -> float | None:
+        """Seconds since the VTN last answered a poll, once that is SILENT_POLLS polls (SILENT_MIN_S at
+        least) ago; None while it answers. A registration stands while the VTN is away, but no event can
+        arrive meanwhile."""
+        client = self._client
+        if client is None or not self.registered:
+            return None
+        silent = time.monotonic() - self._last_answer
+        limit = max(SILENT_POLLS * client.poll_frequency.total_seconds(), SILENT_MIN_S)
+        return silent if silent > limit else None
+
     # ---- lifecycle --------------------------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -475,6 +491,7 @@ class Ven:
                 await asyncio.wait_for(self._lost.wait(), WATCH_S)
             if self._stopping.is_set():
                 return
+            self._tell_silence()
             if not self._lost.is_set() and self.registered:
                 continue
             reason = self._lost_reason or "polling stopped"
@@ -490,6 +507,15 @@ class Ven:
                 await asyncio.wait_for(self._stopping.wait(), wait)
             delay = min(delay * 2, self._backoff_max_s)
             await self._register()
+
+    def _tell_silence(self) -> None:
+        silent = self.vtn_silent()
+        if silent is not None and not self._told_silent:
+            log.warning("VTN %s has answered no poll for %.0f s: no event can reach the bridge until it does",
+                        self.vtn_url, silent)
+        elif silent is None and self._told_silent:
+            log.info("VTN %s answers polls again", self.vtn_url)
+        self._told_silent = silent is not None
 
     def _registration_lost(self, reason: str) -> None:
         self._lost_reason = reason
@@ -515,7 +541,7 @@ class Ven:
                 break
             if self.registered:
                 held.replay()
-                self._registered_at = time.monotonic()
+                self._registered_at = self._last_answer = time.monotonic()
                 log.info("registered with VTN %s as ven_id=%s", self.vtn_url, self.ven_id)
                 return
             await self._close_client()
@@ -580,6 +606,17 @@ class Ven:
                 self._polls_in_flight -= 1
 
         client._poll = guarded_poll  # run() schedules client._poll, so the instance attribute wins
+        openleadr_request = client.poll
+
+        async def timed_request() -> Any:
+            result = await openleadr_request()
+            # (None, {}): no connection, an HTTP error or a message it refused. None: an empty answer.
+            if result is None or result[0] is not None:
+                self._last_answer = time.monotonic()
+                self._tell_silence()
+            return result
+
+        client.poll = timed_request  # what client._poll calls
         return client
 
     def _offer_telemetry(self, client: _Client, telemetry: Telemetry) -> None:

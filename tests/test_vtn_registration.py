@@ -78,3 +78,20 @@ async def test_a_refused_reregistration_is_not_taken_for_a_registration(rig, con
     await until(readyz.ready, 20, bridge, "/readyz 200 once registered again")
     assert "registration lost (the VTN asked for a re-registration, which failed)" in bridge.stderr()
     await _acts_on_a_later_event(rig, bridge, ven_id)
+
+
+async def test_a_vtn_that_stops_answering_is_reported_silent_until_it_answers_again(rig, config, spawn):  # noqa: F811
+    bridge = await spawn("run", "--config", str(config))
+    ven_id = await registered(rig, 1, bridge)
+    readyz = Readyz(rig.http_port)
+    await until(readyz.ready, 20, bridge, "/readyz 200 once registered")
+
+    # Registered still, but no event can arrive: /readyz said 200 for as long as the VTN was away.
+    await rig.vtn.stop()
+    await until(lambda: readyz()[1] == ["VTN silent"], 40, bridge, "/readyz 503 'VTN silent'")
+    assert readyz()[0] == 503
+    await rig.vtn.start()
+    await until(readyz.ready, 30, bridge, "/readyz 200 once the VTN answers again")
+    log = bridge.stderr()
+    assert "has answered no poll for" in log and "answers polls again" in log
+    await _acts_on_a_later_event(rig, bridge, ven_id)
