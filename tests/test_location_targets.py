@@ -88,6 +88,27 @@ def test_emix_targets_as_openleadr_parses_them_are_read_with_their_ids() -> None
     assert feature_ids(xml) == {"E": {"service_area": ["a1"], "service_location": ["s1", None]}}
 
 
+def test_config_names_locations_as_kind_and_id_and_check_config_warns_of_a_station_without() -> None:
+    from dr_bridge.checkconfig import config_warnings
+    from dr_bridge.config import ConfigError, config_from_dict
+
+    def config(*locations: list[str] | None):
+        return config_from_dict({"vtn": {"url": "http://vtn.example/OpenADR2/Simple/2.0b", "ven_name": "v"},
+                                 "chargestations": [{"id": f"st-{i}", "max_current": 32,
+                                                     **({"locations": x} if x is not None else {})}
+                                                    for i, x in enumerate(locations)]}, source="t.toml")
+
+    cfg = config(["pnode:P1", "serviceLocation: depot-a"], None)
+    assert cfg.stations()[0].locations == frozenset({"pnode:P1", "serviceLocation:depot-a"})
+    assert "chargestations[1].locations" in [key for key, _ in config_warnings(cfg)]
+    assert "chargestations[1].locations" not in [key for key, _ in config_warnings(config(["pnode:P1"], ["pnode:P2"]))]
+    for bad, message in ((["pnod:P1"], "is not \"kind:id\""), (["pnode:"], "is not \"kind:id\""),
+                         ("pnode:P1", "must be an array of strings")):
+        with pytest.raises(ConfigError, match=re.escape(message)) as error:
+            config(bad)
+        assert "chargestations[0].locations" in str(error.value)
+
+
 # ---- the daemon -------------------------------------------------------------------------------------------
 
 LIMIT_16 = ("set_power_limit", {"unit": "current", "limit": 16})  # level 2: half of 32 A
