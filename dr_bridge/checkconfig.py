@@ -77,6 +77,12 @@ def config_warnings(cfg: Config) -> list[tuple[str, str]]:
             warnings.append((f"chargestations[{index}].max_current",
                              f"{_num(station.max_current)} A is below bridge.min_current "
                              f"{_num(cfg.bridge.min_current)} A; every limit will follow below_min"))
+    located = [index for index, station in enumerate(cfg.chargestations) if station.locations]
+    if located and len(located) < len(cfg.chargestations):
+        index = next(i for i in range(len(cfg.chargestations)) if i not in located)
+        warnings.append((f"chargestations[{index}].locations",
+                         f"station {cfg.chargestations[index].id} names no location while others do: an event "
+                         "targeted at a location never selects it"))
     return warnings
 
 

@@ -20,6 +20,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 from pydantic_core import PydanticCustomError
 
 from dr_bridge import domain
+from dr_bridge.targets import LOCATION_KINDS
 
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -233,6 +234,17 @@ class StationConfig(_Section):
     simulator: bool | None = None
     # Another bridge on the same database may configure this station too (it must say shared as well).
     shared: bool = False
+    # The EMIX locations the station sits at, "kind:id": an event targeted at one of them selects it.
+    locations: list[str] = Field(default_factory=list)
+
+    @field_validator("locations")
+    @classmethod
+    def _locations_are_kind_and_id(cls, value: list[str]) -> list[str]:
+        for location in value:
+            kind, _, ident = location.partition(":")
+            if kind not in LOCATION_KINDS or not ident.strip():
+                raise ValueError(f"{location!r} is not \"kind:id\" with kind one of {', '.join(LOCATION_KINDS)}")
+        return [f"{kind}:{ident.strip()}" for kind, _, ident in (x.partition(":") for x in value)]
 
     @field_validator("id")
     @classmethod
@@ -251,7 +263,7 @@ class StationConfig(_Section):
         return domain.Station(id=self.id, resource_id=self.resource_id or self.id, max_current=self.max_current,
                               phases=self.phases, voltage=self.voltage, limit_unit=self.limit_unit,
                               group=self.group, priority=self.priority, simulator=self.simulator,
-                              shared=self.shared)
+                              shared=self.shared, locations=frozenset(self.locations))
 
 
 class Config(_Section):
@@ -469,6 +481,8 @@ def _describe(problem: Any, loc: list[Any]) -> str:
     if kind in ("dict_type", "model_type", "model_attributes_type"):
         return "must be a table such as { fraction = 0.5 }" if loc and loc[0] == "levels" else "must be a table"
     if kind == "list_type":
+        if loc and loc[-1] == "locations":
+            return 'must be an array of strings such as ["pnode:PNODE-42"]'
         return "must be an array of tables ([[...]])"
     message = str(problem["msg"])
     message = message.removeprefix("Value error, ")

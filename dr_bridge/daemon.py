@@ -77,9 +77,13 @@ class Bridge:
                          min_sampling=timedelta(seconds=cfg.vtn.telemetry_min_sampling_s))
 
     def _registration_probe(self) -> tuple[Reason, str] | None:
-        if self.ven.registered:
-            return None
-        return Reason.NOT_REGISTERED, f"not registered with VTN {self.cfg.vtn.url}: events cannot reach the bridge"
+        if not self.ven.registered:
+            return Reason.NOT_REGISTERED, f"not registered with VTN {self.cfg.vtn.url}: events cannot reach the bridge"
+        silent = self.ven.vtn_silent()
+        if silent is not None:
+            return Reason.VTN_SILENT, (f"VTN {self.cfg.vtn.url} has answered no poll for {silent:.0f} s: no event "
+                                       "can reach the bridge; check the VTN and the network to it")
+        return None
 
     def _observe_call(self, op: str, latency_s: float, outcome: str) -> None:
         histogram = self._latency.get((op, outcome))

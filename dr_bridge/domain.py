@@ -30,6 +30,7 @@ class Station:
     priority: int = 0
     simulator: bool | None = None  # None: ask eDRV (is_simulator)
     shared: bool = False  # also configured in another bridge on the same database
+    locations: frozenset[str] = frozenset()  # EMIX locations it sits at, "kind:id" (targets.LOCATION_KINDS)
 
     @property
     def watts_per_amp(self) -> float:
@@ -90,7 +91,8 @@ class Event:
     start: datetime
     end: datetime | None  # None: open-ended (duration 0)
     intervals: list[SignalInterval]
-    targets: dict[str, list[str]] = field(default_factory=dict)  # ven_id/resource_id/group_id/party_id -> ids
+    # ven_id/resource_id/group_id/party_id/EMIX location kind (targets.py) -> ids; "unreadable" -> kinds
+    targets: dict[str, list[str]] = field(default_factory=dict)
     event_status: str = "far"  # as the VTN said: none/far/near/active/completed/cancelled
     test_event: bool = False
     priority: int = 0

@@ -35,7 +35,7 @@ from dr_bridge.performance import HOLD, mean_power
 from dr_bridge.reporting import overlapping, samples
 from dr_bridge.store import (EventRow, IntervalRow, OptOutRow, SessionState, SharedLimit, Store, is_outage,
                              utcnow)
-from dr_bridge.targets import select_stations
+from dr_bridge.targets import select_stations, why_none
 
 log = logging.getLogger("dr_bridge.engine")
 
@@ -316,7 +316,7 @@ class Engine:
         if ev.cancelled:
             opt, reason = (row.opt if row and row.opt else OPT_IN), "cancelled by the VTN"
         elif not stations:
-            opt, reason = OPT_OUT, "no configured station is targeted"
+            opt, reason = OPT_OUT, why_none(ev.targets)
         elif not any(is_supported(i.signal_name, i.signal_type) for i in ev.intervals):
             names = sorted({f"{i.signal_name}/{i.signal_type}" for i in ev.intervals}) or ["none"]
             opt, reason = OPT_OUT, f"no supported signal ({', '.join(names)})"

@@ -19,6 +19,7 @@ log = logging.getLogger("dr_bridge.health")
 
 class Reason(StrEnum):
     NOT_REGISTERED = "not registered"
+    VTN_SILENT = "VTN silent"
     EDRV_REFUSING = "eDRV refusing"
     EDRV_UNREACHABLE = "eDRV unreachable"
     WEBHOOKS_SILENT = "webhooks silent"

@@ -22,9 +22,16 @@ from typing import TypeVar
 import ephemeral_port_reserve
 from aiohttp import web
 from openleadr import OpenADRServer, enums, errors, objects, utils
-from openleadr.service import OptService, VTNService, handler
+from openleadr.service import OptService, VTNService, handler, vtn_service
+
+from dr_bridge.openadr import refusing_doctype
 
 log = logging.getLogger(__name__)
+
+# What VENs send is validated with the same lxml: a DOCTYPE is answered 400, as openleadr answers any
+# malformed message, instead of crashing the process (the demo's, say).
+if not hasattr(vtn_service.validate_xml_schema, "__wrapped__"):
+    vtn_service.validate_xml_schema = refusing_doctype(vtn_service.validate_xml_schema)
 
 IntervalSpec = tuple[datetime, timedelta, float]  # (start, duration, value); duration 0 = open-ended
 T = TypeVar("T")
@@ -138,10 +145,15 @@ class LocalVtn:
         self.telemetry_s = telemetry_s
         self.report_offers: list[dict] = []  # every offered report value: ven_id, resource_id, measurement, ...
         self.telemetry: list[dict] = []  # every received value: ven_id, resource_id, measurement, at, value
+        self.cancelled_registrations: list[dict] = []  # every oadrCancelPartyRegistration sent: ven_id, ...
         self._vens: dict[str, dict] = {}
+        self._cancelling: set[str] = set()  # VENs whose next poll is answered with oadrCancelPartyRegistration
+        self._refuse_registrations = 0
         self._event_ven: dict[str, str] = {}  # event_id -> ven_id
         self._added: dict[str, objects.Event] = {}  # event_id -> the event as last added or changed
         self._started = False
+        self._rewrites: list[list] = []  # [rewrite, answers left to rewrite]
+        self.rewritten = 0  # answers sent as a rewrite changed them
 
         with warnings.catch_warnings():
             # openleadr stores itself under a plain string app key, which newer aiohttp warns about.
@@ -154,6 +166,7 @@ class LocalVtn:
                                         ven_lookup=self._ven_lookup, verify_message_signatures=tls is not None,
                                         **tls_options)
         self.tls = tls
+        self.server.app.middlewares.append(self._rewriting)  # now: aiohttp freezes middlewares on start
         self.server.add_handler("on_create_party_registration", self._on_create_party_registration)
         self.server.add_handler("on_register_report", self._on_register_report)
 
@@ -185,6 +198,19 @@ class LocalVtn:
         event_service.request_event = request_event
         event_service.handlers["oadrRequestEvent"] = request_event
 
+        poll_service = self.server.services["poll_service"]
+        stock_poll = poll_service.handlers["oadrPoll"]
+
+        async def poll(payload: dict) -> tuple[str, dict]:
+            if payload.get("ven_id") in self._cancelling:
+                return self._cancel_party_registration(payload["ven_id"])
+            return await stock_poll(payload)
+
+        poll_service.handlers["oadrPoll"] = poll
+        # The stock VTN has no handler for the VEN's confirmation and answers it with an error.
+        self.server.services["registration_service"].handlers["oadrCanceledPartyRegistration"] = \
+            self._on_canceled_party_registration
+
     @property
     def url(self) -> str:
         scheme = "https" if self.tls else "http"
@@ -200,9 +226,34 @@ class LocalVtn:
             self._started = False
             await self.server.stop()
 
+    # ---- raw answers ------------------------------------------------------------------------------------
+
+    def rewrite_answers(self, rewrite: Callable[[str], str | None], times: int = 1) -> None:
+        """Send the next `times` answers that `rewrite` changes as it changed them (it returns None to leave
+        an answer as it is): XML a third-party VTN sends that openleadr's templates cannot render. The
+        rewritten XML is not re-signed."""
+        self._rewrites.append([rewrite, times])
+
+    @web.middleware
+    async def _rewriting(self, request: web.Request, handler: Callable) -> web.StreamResponse:
+        response = await handler(request)
+        if self._rewrites and isinstance(response, web.Response) and response.text:
+            entry = self._rewrites[0]
+            text = entry[0](response.text)
+            if text is not None:
+                response.text = text
+                self.rewritten += 1
+                entry[1] -= 1
+                if entry[1] <= 0:
+                    self._rewrites.pop(0)
+        return response
+
     # ---- registration -----------------------------------------------------------------------------------
 
     def _on_create_party_registration(self, info: dict) -> tuple[str, str]:
+        if self._refuse_registrations > 0:
+            self._refuse_registrations -= 1
+            raise errors.NotAllowedError("registrations are closed (test)")
         ven_id = info.get("ven_id") or f"VEN-{utils.generate_id()[:8]}"
         registration_id = f"REG-{utils.generate_id()[:8]}"
         record = {"ven_id": ven_id, "ven_name": info.get("ven_name"), "registration_id": registration_id,
@@ -214,6 +265,30 @@ class LocalVtn:
     def forget_ven(self, ven_id: str) -> None:
         """Act like a VTN that lost its registrations: the VEN's next poll gets oadrRequestReregistration."""
         self._vens.pop(ven_id, None)
+
+    def refuse_registrations(self, n: int = 1) -> None:
+        """Answer the next n oadrCreatePartyRegistration with an OpenADR error (eiResponse 451, not allowed)."""
+        self._refuse_registrations = n
+
+    def cancel_registration(self, ven_id: str) -> None:
+        """Cancel the VEN's registration as a VTN operator does: its next poll is answered with
+        oadrCancelPartyRegistration, and the VTN forgets the VEN once it confirms."""
+        self._cancelling.add(ven_id)
+
+    def _cancel_party_registration(self, ven_id: str) -> tuple[str, dict]:
+        self._cancelling.discard(ven_id)
+        record = self._vens.get(ven_id) or {}
+        cancelled = {"ven_id": ven_id, "registration_id": record.get("registration_id"), "confirmed": False}
+        self.cancelled_registrations.append(cancelled)
+        return "oadrCancelPartyRegistration", {"request_id": utils.generate_id(), "ven_id": ven_id,
+                                               "registration_id": record.get("registration_id")}
+
+    async def _on_canceled_party_registration(self, payload: dict) -> tuple[str, dict]:
+        for cancelled in self.cancelled_registrations:
+            if cancelled["registration_id"] == payload.get("registration_id"):
+                cancelled["confirmed"] = True
+                self._vens.pop(cancelled["ven_id"], None)
+        return "oadrResponse", {}
 
     def _ven_lookup(self, ven_id: str) -> dict | None:
         return self._vens.get(ven_id)

@@ -13,15 +13,20 @@ import dataclasses
 import inspect
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from functools import partial
 from typing import Any
 
+from lxml import etree
+from lxml.etree import XMLSyntaxError
 from openleadr import OpenADRClient, enums, objects, utils
+from openleadr import client as openleadr_client
 
 from dr_bridge.domain import Event, SignalInterval
+from dr_bridge.targets import UNREADABLE
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +36,41 @@ openleadr_log.setLevel(logging.WARNING)
 
 OPT_TYPES = ("optIn", "optOut")
 
+
+def refusing_doctype(validate: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """openleadr's schema validation, but a message with a document type declaration is refused first.
+
+    The lxml wheels (libxml2 2.14) crash the process (SIGSEGV: no restore, no log line) validating a
+    message that uses an internal entity; OpenADR messages never need one. Refused as a malformed message
+    is (XMLSyntaxError): openleadr logs one warning and drops it, and the VEN goes on polling.
+    """
+    def guarded(content: Any) -> Any:
+        try:
+            text = content.decode("utf-8") if isinstance(content, bytes) else str(content)
+        except UnicodeDecodeError:  # openleadr itself reads messages as UTF-8 only
+            raise XMLSyntaxError("refused a message that is not UTF-8", 0, 1, 1) from None
+        if "<!DOCTYPE" in text or "<!ENTITY" in text:
+            raise XMLSyntaxError("refused a message with a DOCTYPE or ENTITY declaration (not allowed in "
+                                 "OpenADR; it could crash the XML parser)", 0, 1, 1)
+        return validate(content)
+
+    guarded.__wrapped__ = validate  # type: ignore[attr-defined]
+    return guarded
+
+
+# The client's only way into lxml for what the VTN sends (OpenADRClient._perform_request); LocalVtn guards
+# the VTN side likewise.
+if not hasattr(openleadr_client.validate_xml_schema, "__wrapped__"):
+    openleadr_client.validate_xml_schema = refusing_doctype(openleadr_client.validate_xml_schema)
+
 OnEvent = Callable[[Event], Awaitable[tuple[str, str]]]
 OnRegistered = Callable[[str, str], Awaitable[None] | None]
 OnEventList = Callable[[set[str]], Awaitable[None] | None]
 
+WATCH_S = 5.0  # how often a registered VEN checks that it still polls (a lost registration is told at once)
+# A VTN that answered none of this many polls in a row, and for at least SILENT_MIN_S, is reported silent.
+SILENT_POLLS = 3
+SILENT_MIN_S = 10.0
 TELEMETRY_REPORT_ID = "dr-bridge-telemetry-usage"  # stable, so a VTN sees the same report after a restart
 
 
@@ -84,7 +120,17 @@ def _as_bool(value: Any) -> bool:
     return bool(value)
 
 
+# openleadr's name of each EMIX location target -> the bridge's (targets.LOCATION_KINDS) and the key of its id.
+_LOCATIONS = {"aggregated_pnode": ("aggregatedPnode", "node"), "end_device_asset": ("endDeviceAsset", "mrid"),
+              "meter_asset": ("meterAsset", "mrid"), "pnode": ("pnode", "node"),
+              "service_area": ("serviceArea", "id"), "service_delivery_point": ("serviceDeliveryPoint", "node"),
+              "service_location": ("serviceLocation", "id")}
+_PLAIN_TARGETS = ("resource_id", "group_id", "group_name", "ven_id", "party_id")
+
+
 def _targets(d: dict) -> dict[str, list[str]]:
+    """{kind: ids}; a target no id could be read from is listed by kind under targets.UNREADABLE, so it
+    selects no station rather than, read as no target at all, every one."""
     by_type = d.get("targets_by_type")
     if not by_type:
         by_type = {}
@@ -94,13 +140,46 @@ def _targets(d: dict) -> dict[str, list[str]]:
                     by_type.setdefault(kind, []).append(value)
     result: dict[str, list[str]] = {}
     for kind, values in by_type.items():
-        if not isinstance(values, list):
-            values = [values]
-        # EMIX targets (endDeviceAsset, ...) arrive as nested dicts; the bridge only routes on plain ids.
-        ids = [str(v) for v in values if isinstance(v, (str, int))]
-        if ids:
-            result[kind] = ids
+        name, key = _LOCATIONS.get(kind, (kind, None))
+        for value in values if isinstance(values, list) else [values]:
+            if value is None:
+                continue
+            ident = value.get(key) if key is not None and isinstance(value, dict) else value
+            if kind in _PLAIN_TARGETS or key is not None:
+                if isinstance(ident, (str, int)) and str(ident).strip():
+                    result.setdefault(name, []).append(str(ident).strip())
+                    continue
+            result.setdefault(UNREADABLE, []).append(_camel(name))
     return result
+
+
+def _camel(kind: str) -> str:
+    head, *rest = kind.split("_")
+    return head + "".join(part.capitalize() for part in rest)
+
+
+_NS = {"ei": "http://docs.oasis-open.org/ns/energyinterop/201110", "gml": "http://www.opengis.net/gml/3.2",
+       "emix": "http://docs.oasis-open.org/ns/emix/2011/06", "power": "http://docs.oasis-open.org/ns/emix/2011/06/power"}
+_FEATURE_TARGETS = (("service_area", "ei:eiTarget/emix:serviceArea/gml:FeatureCollection"),
+                    ("service_location", "ei:eiTarget/power:serviceLocation/gml:FeatureCollection"))
+_SAFE_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False)
+
+
+def feature_ids(xml: str) -> dict[str, dict[str, list[str | None]]]:
+    """{event_id: {"service_area"|"service_location": [gml:id of each FeatureCollection, None without]}}.
+
+    openleadr drops XML attributes, and with them the only id an area or a location has.
+    """
+    if "FeatureCollection" not in xml:
+        return {}
+    found: dict[str, dict[str, list[str | None]]] = {}
+    for event in etree.fromstring(xml.encode(), _SAFE_PARSER).iterfind(".//ei:eiEvent", _NS):
+        event_id = event.findtext("ei:eventDescriptor/ei:eventID", namespaces=_NS)
+        for kind, path in _FEATURE_TARGETS:
+            ids = [fc.get(f"{{{_NS['gml']}}}id") for fc in event.iterfind(path, _NS)]
+            if ids and event_id is not None:
+                found.setdefault(event_id, {})[kind] = ids
+    return found
 
 
 def _signals(d: dict) -> list[dict]:
@@ -214,6 +293,17 @@ def _repair_timestamps(event: dict) -> None:
             fix(interval, "dtstart")
 
 
+def _restore_feature_ids(event: dict, found: dict[str, dict[str, list[str | None]]]) -> None:
+    """Give each serviceArea/serviceLocation target of the event the id openleadr dropped, in place."""
+    by_type = event.get("targets_by_type")
+    ids = found.get(str((event.get("event_descriptor") or {}).get("event_id")))
+    if not ids or not isinstance(by_type, dict):
+        return
+    for kind, feature in ids.items():
+        if kind in by_type:
+            by_type[kind] = [{"id": i} for i in feature]
+
+
 async def _maybe_await(result: Any) -> Any:
     if inspect.isawaitable(result):
         return await result
@@ -247,17 +337,30 @@ class _HeldRecords(logging.Filter):
 
 
 class _Client(OpenADRClient):
-    """OpenADRClient with a registration notice and a re-registration that does not kill the client."""
+    """OpenADRClient with a registration notice, a re-registration that does not kill the client, and a
+    notice when the registration is lost."""
 
-    def __init__(self, *args: Any, after_registration: Callable[[], Awaitable[None]], **kwargs: Any):
+    def __init__(self, *args: Any, after_registration: Callable[[], Awaitable[None]],
+                 on_lost: Callable[[str], None], **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._after_registration = after_registration
+        self._on_lost = on_lost
 
     async def create_party_registration(self, *args: Any, **kwargs: Any) -> Any:
         result = await super().create_party_registration(*args, **kwargs)
+        if result is None:
+            # openleadr keeps the registration id it had when the VTN answers with an error or not at all,
+            # so a refused re-registration looked like a registration that still stood.
+            self.registration_id = None
         if self.registration_id:
             await self._after_registration()
         return result
+
+    async def on_cancel_party_registration(self, message: dict) -> None:
+        # openleadr answers the VTN and removes every job, polling included, and the VEN went deaf.
+        await super().on_cancel_party_registration(message)
+        if not self.registration_id:
+            self._on_lost("the VTN cancelled the registration")
 
     async def _on_event(self, message: dict) -> None:
         # openleadr forgets its answer to a cancelled or completed event but keeps the event for minutes.
@@ -279,11 +382,11 @@ class _Client(OpenADRClient):
 
     async def create_party_reregistration(self, registration_id: str | None = None) -> None:
         # openleadr stops the whole client (scheduler and session) when re-registration fails, so the VEN
-        # would never poll again. Keep polling instead: the VTN asks again on the next poll.
+        # would never poll again. The Ven registers afresh instead, with backoff.
         await self.create_party_registration(ven_id=self.ven_id,
                                              registration_id=registration_id or self.registration_id)
         if not self.registration_id:
-            log.warning("re-registration with the VTN failed; will retry when the VTN asks again")
+            self._on_lost("the VTN asked for a re-registration, which failed")
             return
         # The VTN asks for reports afresh; the old requests' jobs would keep sending to ids it forgot.
         for request in self.report_requests:
@@ -330,6 +433,13 @@ class Ven:
         self._reported: tuple[str, str] | None = None
         self._polls_in_flight = 0
         self._stopping = asyncio.Event()
+        self._lost = asyncio.Event()  # set by the client when the registration is gone
+        self._feature_ids: dict[str, dict[str, list[str | None]]] = {}  # of the message being parsed
+        self._lost_reason: str | None = None
+        self._registered_at = 0.0  # time.monotonic() of the last registration
+        self._last_answer = 0.0  # time.monotonic() of the VTN's last answer to a poll
+        self._told_silent = False
+        self._watcher: asyncio.Task | None = None
 
     # ---- state ------------------------------------------------------------------------------------------
 
@@ -345,13 +455,74 @@ class Ven:
 
     @property
     def registered(self) -> bool:
-        return bool(self._client and self._client.registration_id and self._client.scheduler.running)
+        """Registered, and polling: without its poll job the VEN hears no event."""
+        client = self._client
+        if not (client and client.registration_id and client.scheduler.running):
+            return False
+        return any(job.func is client._poll for job in client.scheduler.get_jobs())
+
+    def vtn_silent(self) -> float | None:
+        """Seconds since the VTN last answered a poll, once that is SILENT_POLLS polls (SILENT_MIN_S at
+        least) ago; None while it answers. A registration stands while the VTN is away, but no event can
+        arrive meanwhile."""
+        client = self._client
+        if client is None or not self.registered:
+            return None
+        silent = time.monotonic() - self._last_answer
+        limit = max(SILENT_POLLS * client.poll_frequency.total_seconds(), SILENT_MIN_S)
+        return silent if silent > limit else None
 
     # ---- lifecycle --------------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Register with the VTN, retrying with backoff until it answers; returns once polling."""
+        """Register with the VTN, retrying with backoff until it answers; returns once polling, and from
+        then on registers again whenever the registration is lost, until stop()."""
         self._stopping.clear()
+        await self._register()
+        if self.registered and self._watcher is None:
+            self._watcher = asyncio.create_task(self._watch(), name="ven-registration")
+
+    async def _watch(self) -> None:
+        """Registers again, with backoff, once the VTN cancelled the registration, refused a re-registration
+        or polling stopped: /readyz says not registered meanwhile (registered is False)."""
+        delay = self._backoff_initial_s
+        while not self._stopping.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._lost.wait(), WATCH_S)
+            if self._stopping.is_set():
+                return
+            self._tell_silence()
+            if not self._lost.is_set() and self.registered:
+                continue
+            reason = self._lost_reason or "polling stopped"
+            self._lost.clear()
+            self._lost_reason = None
+            since = time.monotonic() - self._registered_at
+            if since > self._backoff_max_s:
+                delay = self._backoff_initial_s  # a long-standing registration: not a VTN that keeps cancelling
+            wait = random.uniform(delay / 2, delay)
+            log.warning("VTN %s: registration lost (%s); registering again in %.1f s", self.vtn_url, reason, wait)
+            await self._retire_client()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), wait)
+            delay = min(delay * 2, self._backoff_max_s)
+            await self._register()
+
+    def _tell_silence(self) -> None:
+        silent = self.vtn_silent()
+        if silent is not None and not self._told_silent:
+            log.warning("VTN %s has answered no poll for %.0f s: no event can reach the bridge until it does",
+                        self.vtn_url, silent)
+        elif silent is None and self._told_silent:
+            log.info("VTN %s answers polls again", self.vtn_url)
+        self._told_silent = silent is not None
+
+    def _registration_lost(self, reason: str) -> None:
+        self._lost_reason = reason
+        self._lost.set()
+
+    async def _register(self) -> None:
+        """The registration loop: a new client per attempt, with jittered backoff, until registered."""
         delay = self._backoff_initial_s
         attempt = 0
         while not self._stopping.is_set():
@@ -370,6 +541,7 @@ class Ven:
                 break
             if self.registered:
                 held.replay()
+                self._registered_at = self._last_answer = time.monotonic()
                 log.info("registered with VTN %s as ven_id=%s", self.vtn_url, self.ven_id)
                 return
             await self._close_client()
@@ -382,16 +554,28 @@ class Ven:
 
     async def stop(self) -> None:
         self._stopping.set()
-        if self._client is not None:
-            if self._client.scheduler.running:
-                # Not idempotent: the asyncio scheduler only stops on the next loop turn.
-                self._client.scheduler.shutdown(wait=False)
-            # Closing the session under a running poll makes APScheduler log a traceback; let it finish.
-            for _ in range(100):
-                if self._polls_in_flight == 0:
-                    break
-                await asyncio.sleep(0.05)
-            await self._close_client()
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None and watcher is not asyncio.current_task():
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+        await self._retire_client()
+
+    async def _retire_client(self) -> None:
+        """Stop the client's jobs (polls, reports) and close its session."""
+        client = self._client
+        if client is None:
+            return
+        if client.scheduler.running:
+            # Not idempotent: the asyncio scheduler only stops on the next loop turn.
+            client.scheduler.shutdown(wait=False)
+        if client.report_queue_task is not None:
+            client.report_queue_task.cancel()
+        # Closing the session under a running poll makes APScheduler log a traceback; let it finish.
+        for _ in range(100):
+            if self._polls_in_flight == 0:
+                break
+            await asyncio.sleep(0.05)
+        await self._close_client()
 
     def _new_client(self) -> _Client:
         if self._client is not None and self._client.ven_id:
@@ -399,12 +583,13 @@ class Ven:
         client = _Client(ven_name=self.ven_name, vtn_url=self.vtn_url, ven_id=self._ven_id,
                          cert=self._cert, key=self._key, ca_file=self._ca_file,
                          vtn_fingerprint=self._vtn_fingerprint, show_fingerprint=False,
-                         after_registration=self._after_registration)
+                         after_registration=self._after_registration, on_lost=self._registration_lost)
         if self._cert:
             with open(self._cert, "rb") as f:
                 log.info("VEN certificate fingerprint: %s", utils.certificate_fingerprint(f.read()))
         client.add_handler("on_event", self._handle_event)
         client.add_handler("on_update_event", self._handle_event)
+        client.add_hook("before_parse_xml", self._before_parse_xml)
         client.add_hook("after_parse_xml", self._after_parse_xml)
         if self._telemetry is not None:
             self._offer_telemetry(client, self._telemetry)
@@ -421,6 +606,17 @@ class Ven:
                 self._polls_in_flight -= 1
 
         client._poll = guarded_poll  # run() schedules client._poll, so the instance attribute wins
+        openleadr_request = client.poll
+
+        async def timed_request() -> Any:
+            result = await openleadr_request()
+            # (None, {}): no connection, an HTTP error or a message it refused. None: an empty answer.
+            if result is None or result[0] is not None:
+                self._last_answer = time.monotonic()
+                self._tell_silence()
+            return result
+
+        client.poll = timed_request  # what client._poll calls
         return client
 
     def _offer_telemetry(self, client: _Client, telemetry: Telemetry) -> None:
@@ -504,11 +700,20 @@ class Ven:
                 asyncio.get_running_loop().call_soon(self._client.forget_event, event_id)
             return "optOut"
 
+    def _before_parse_xml(self, xml: str) -> None:
+        if "oadrDistributeEvent" in xml:
+            try:
+                self._feature_ids.update(feature_ids(xml))
+            except Exception as exc:  # valid against the schema already; whatever it is, never fatal
+                log.warning("could not read the location targets of a distributed event: %s", exc)
+
     async def _after_parse_xml(self, message_type: str, payload: dict) -> None:
         if message_type != "oadrDistributeEvent":
             return
         for event in payload.get("events") or []:
             _repair_timestamps(event)
+            _restore_feature_ids(event, self._feature_ids)
+        self._feature_ids.clear()
         response_code = (payload.get("response") or {}).get("response_code", 200)
         if response_code != 200 or self._on_event_list is None:
             # An openleadr VTN answers a failed oadrRequestEvent with an empty, non-200 distribution:

@@ -185,6 +185,36 @@ async def test_reregistration_reports_the_new_ids(vtn: LocalVtn, rec: Recorder, 
     await vtn.wait_for(lambda: rec.seen(event_id))
 
 
+async def test_a_vtn_cancelling_the_registration_is_registered_with_again(vtn: LocalVtn, rec: Recorder) -> None:
+    ven = make_ven(vtn, rec, backoff_initial_s=0.2)
+    await asyncio.wait_for(ven.run(), 10)
+    try:
+        ven_id = ven.ven_id
+        vtn.cancel_registration(ven_id)
+        await vtn.wait_for(lambda: not ven.registered)  # openleadr removed its polling job: deaf until now
+        await vtn.wait_for(lambda: len(vtn.registrations) == 2 and ven.registered)
+        assert vtn.cancelled_registrations[0]["confirmed"]
+        assert rec.registered[-1] == (ven_id, vtn.registrations[-1]["registration_id"])
+        event_id = vtn.add_event(ven_id, intervals=[(soon(), 10 * MIN, 1)])
+        await vtn.wait_for(lambda: rec.seen(event_id))
+        assert await vtn.wait_for(lambda: response(vtn, event_id)) == "optIn"
+    finally:
+        await ven.stop()
+
+
+async def test_a_ven_that_stopped_polling_says_so_and_registers_again(vtn: LocalVtn, rec: Recorder) -> None:
+    ven = make_ven(vtn, rec, backoff_initial_s=0.2)
+    await asyncio.wait_for(ven.run(), 10)
+    try:
+        ven._client.scheduler.remove_all_jobs()  # as openleadr does on its own on several paths
+        assert not ven.registered
+        await vtn.wait_for(lambda: len(vtn.registrations) == 2 and ven.registered, timeout=15)
+        event_id = vtn.add_event(ven.ven_id, intervals=[(soon(), 10 * MIN, 1)])
+        await vtn.wait_for(lambda: rec.seen(event_id))
+    finally:
+        await ven.stop()
+
+
 async def test_distribution_hook_repairs_timestamps_and_ignores_error_answers(rec: Recorder) -> None:
     ven = Ven(vtn_url="http://127.0.0.1:9/OpenADR2/Simple/2.0b", ven_name="v", on_event=rec.on_event,
               on_event_list=rec.on_event_list)
