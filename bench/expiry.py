@@ -33,9 +33,7 @@ def _engine(workdir: Path) -> Engine:
         "levels": {"1": {"fraction": 0.5}},
         "chargestations": [{"id": "cs-1", "max_current": 32}],
     }, source="bench")
-    engine = Engine(cfg, Store.open(cfg.bridge.database_url, bridge="bench"), client=None)
-    engine.webhooks_seen = True
-    return engine
+    return Engine(cfg, Store.open(cfg.bridge.database_url, bridge="bench"), client=None)
 
 
 async def _requested(engine: Engine, n: int) -> list[int]:

@@ -13,7 +13,7 @@ from typing import Callable, Literal
 from dr_bridge.health import Readiness, Reason
 
 # Outcomes (EdrvClient's on_call) that say eDRV was reached and accepted the key for this call.
-_ACCEPTED = ("ok", "not_found", "rejected")
+ACCEPTED = ("ok", "not_found", "rejected")
 _UNREACHED = ("server_error", "transport_error")
 
 Change = Literal["refusing", "accepting"] | None
@@ -37,7 +37,7 @@ class EdrvWatch:
 
     def observe(self, op: str, outcome: str) -> Change:
         """One call's outcome; "refusing" when eDRV has just begun to refuse the bridge, "accepting" when it
-        has just stopped (every operation it refused has been accepted since)."""
+        has just stopped (a call was accepted since)."""
         now = self.last_call = self.clock()
         if outcome in _UNREACHED:
             if self._failing_since is None:
@@ -50,11 +50,11 @@ class EdrvWatch:
             self._refused.add(op)
             new = self.readiness.raise_(Reason.EDRV_REFUSING, self._refusing_detail())
             return "refusing" if new else None
-        if outcome in _ACCEPTED and op in self._refused:
-            self._refused.discard(op)
-            if self._refused:
-                self.readiness.raise_(Reason.EDRV_REFUSING, self._refusing_detail())  # fewer operations now
-                return None
+        if outcome in ACCEPTED and self._refused:
+            # Any accepted call clears every refusal: the key is accepted, and an operation refused once (a
+            # limit, say) is not tried again while its resources are opted out, so waiting for that very
+            # operation would keep the bridge refusing every later event until a restart.
+            self._refused.clear()
             self.readiness.clear(Reason.EDRV_REFUSING, f"eDRV accepts the API key again ({op})")
             return "accepting"
         return None

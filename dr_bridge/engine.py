@@ -24,11 +24,11 @@ from dr_bridge.domain import ACTIVE, CANCELLED, COMPLETED, PENDING, Cap, Event, 
 from dr_bridge.edrv.errors import EdrvError, EdrvNotFound
 from dr_bridge.edrv.models import Session
 from dr_bridge.edrv.webhooks import Envelope, action_status
-from dr_bridge.edrvwatch import EdrvWatch
+from dr_bridge.edrvwatch import ACCEPTED, EdrvWatch
 from dr_bridge.eventlog import event_from_json, event_to_json, iso
 from dr_bridge.fleet import Fleet
 from dr_bridge.health import Readiness, Reason
-from dr_bridge.journal import Journal
+from dr_bridge.journal import Journal, database_away
 from dr_bridge.policy import (PERCENT_OFFSET, UnsupportedSignal, cap_watts, is_cap_signal, is_supported,
                               session_limits, station_limits, to_watts, unusable)
 from dr_bridge.performance import HOLD, mean_power
@@ -44,6 +44,8 @@ RETRY_RECOMPUTE_S = 1.0
 # Running sessions are listed this long before an interval starts or ends, so the pass at the boundary
 # sends its limits at once instead of after a fleet-wide listing (ten pages at 10,000 sessions).
 PREFETCH_S = 5.0
+DATABASE_CHECK_S = 5.0  # how often a database said to be unreachable is asked whether it answers again
+REFUSING_CONFIRM_S = 5.0  # eDRV must refuse the bridge this long before the VTN hears its resources opted out
 ARM_LAPSE_S = 10.0  # how long after its interval start a limit armed for it waits to be taken up
 FOLLOW_UP_S = 5.0  # the longest the fresh listing after such a boundary waits for its limits to go out
 RESOLVE_WAIT_S = 1.0  # the longest a pass waits for eDRV to say what kind a station is (see Fleet.resolve_all)
@@ -87,7 +89,7 @@ class Engine:
         self.fleet = Fleet(cfg.stations(), client)  # what runs where
         self.ven_id: str | None = cfg.vtn.ven_id or None
         self.events: dict[str, LiveEvent] = {}
-        self.journal = Journal(store)  # the group commit shared by dispatch and webhooks
+        self.journal = Journal(store, readiness=self.readiness)  # the group commit of dispatch and webhooks
         self.dispatcher = Dispatcher(client, store, limit_retries=cfg.edrv.limit_retries,
                                      backoff_s=cfg.edrv.retry_backoff_s, max_wait_s=cfg.edrv.max_retry_after_s,
                                      on_noncompliant=self._noncompliant,
@@ -100,7 +102,6 @@ class Engine:
         self.edrv = EdrvWatch(self.readiness, key_env=cfg.edrv.api_key_env, base_url=cfg.edrv.base_url,
                               unreachable_after_s=cfg.edrv.reconcile_interval_s)
         self._refusal_marks = False  # opt-outs stand that were reported because eDRV refused the bridge
-        self.webhooks_seen = False  # outcome timeouts only mean something once eDRV's webhooks reach us
         self.last_webhook_at: datetime | None = None
         self._refused_since: datetime | None = None  # webhooks refused for their signature, none accepted since
         self._tasks: set[asyncio.Task] = set()
@@ -153,6 +154,8 @@ class Engine:
                                replace_existing=True)
         self.scheduler.add_job(self._check_edrv, "interval", seconds=self.cfg.edrv.reconcile_interval_s,
                                id="edrv-check", replace_existing=True)
+        self.scheduler.add_job(self._check_database, "interval", seconds=DATABASE_CHECK_S, id="database-check",
+                               replace_existing=True)
         self.scheduler.add_job(self._prune, "interval", hours=1, id="retention", replace_existing=True,
                                next_run_time=self.clock())
         # Opt-outs the operator recorded while the bridge was stopped, before the first pass: otherwise it
@@ -279,10 +282,14 @@ class Engine:
             self._full, self._only = False, set()
             try:
                 await self.recompute(only)
-            except Exception:
-                # Typically the database or eDRV away for a moment.
-                log.exception("recompute failed; retrying in %g s", RETRY_RECOMPUTE_S)
+            except Exception as exc:
+                if database_away(exc):  # the pass's own writes (an event's status): said once, not a trace a second
+                    self.journal.away(exc)
+                    log.debug("recompute failed (the database is away); retrying in %g s", RETRY_RECOMPUTE_S)
+                else:
+                    log.exception("recompute failed; retrying in %g s", RETRY_RECOMPUTE_S)
                 self._retry_soon()
+
             if not self._dirty.is_set():
                 self._idle.set()
 
@@ -774,7 +781,6 @@ class Engine:
 
     # --- what eDRV tells us by webhook ----------------------------------------------------------------
     async def on_webhook(self, env: Envelope) -> None:
-        self.webhooks_seen = True
         self.last_webhook_at, self._refused_since = utcnow(), None
         self.readiness.clear(Reason.WEBHOOKS_SILENT, "eDRV's webhooks arrive again")
         kind = env.type
@@ -928,8 +934,6 @@ class Engine:
         and counting them refused would opt the whole fleet out. Nor can eDRV be asked: a session read shows
         no limit. So each is sent once more, in case it was lost on its way, and otherwise taken as done;
         when no webhook at all has come since, the webhooks are silent, and readiness says so."""
-        if not self.webhooks_seen:
-            return
         timeout_s = self.cfg.edrv.action_timeout_s
         # Skipped: those whose outcome, or whose expiry from the check before, is still on its way to the database.
         rows = [r for r in self.store.unanswered_actions(utcnow() - timedelta(seconds=timeout_s))
@@ -1044,10 +1048,23 @@ class Engine:
         """Every eDRV call's outcome (the client's on_call hook): can the bridge still act through eDRV?"""
         if outcome == "ok":
             self.last_edrv_ok = utcnow()
-        if self.edrv.observe(op, outcome) == "refusing":
-            self._spawn(self._opt_out_refused(list(self.events.values())))
-        elif self._refusal_marks and not self.edrv.refusing and outcome in ("ok", "not_found", "rejected"):
-            self._accepted_again()
+        change = self.edrv.observe(op, outcome)
+        if change == "refusing":
+            self._spawn(self._opt_out_refused(list(self.events.values()), confirm_s=REFUSING_CONFIRM_S))
+        elif self._refusal_marks and not self.edrv.refusing and outcome in ACCEPTED:
+            self._accepted_again()  # tried again on the next accepted call should a write of it fail
+
+    async def _check_database(self) -> None:
+        """While the database is said to be unreachable, ask it whether it answers again: a quiet bridge may
+        have nothing to write for hours, and readiness must not wait for that to say it is back."""
+        if not self.readiness.raised(Reason.DATABASE_UNREACHABLE):
+            return
+        try:
+            await asyncio.to_thread(self.store.ping)
+        except Exception as exc:
+            log.debug("the database still does not answer: %s", str(exc).splitlines()[0][:200])
+            return
+        self.journal.answers()
 
     async def _check_edrv(self) -> None:
         """Ask eDRV one small thing when nothing else has for a reconcile interval, so that a key revoked
@@ -1063,22 +1080,30 @@ class Engine:
         except EdrvError:
             pass  # its outcome reached observe_edrv like any other call's
 
-    async def _opt_out_refused(self, lives: list[LiveEvent]) -> None:
+    async def _opt_out_refused(self, lives: list[LiveEvent], confirm_s: float = 0.0) -> None:
         """eDRV refuses the bridge: the resources of these events, active or pending, are reported to the VTN
-        as opted out (outageRunStatus) rather than left opted in and idle, until eDRV accepts again."""
+        as opted out (outageRunStatus) rather than left opted in and idle, until eDRV accepts again. With
+        confirm_s, only if it still refuses that much later: a single 401 from a gateway in between, or a
+        refusal the next call already undoes, must not opt the whole fleet out at the VTN for good."""
+        if confirm_s:
+            await asyncio.sleep(confirm_s)
+        if not self.edrv.refusing:
+            return
         for live in lives:
             if live.dry or not live.acting or live.status not in (PENDING, ACTIVE) or live.event.cancelled:
                 continue
             ev = live.event
             resources = sorted({self.fleet.stations[sid].resource_id for sid in live.station_ids} - live.opted_out)
             for resource_id in resources:
-                live.opted_out.add(resource_id)
-                live.offline.add(resource_id)  # opted out only until eDRV accepts again
+                # The row first: it is what the Reporter sends to the VTN. Should the database refuse it, the
+                # resource stays planned (eDRV refuses its calls anyway) rather than silently unlimited.
                 self.store.add_opt_out(OptOutRow(event_id=ev.event_id, modification_number=ev.modification_number,
                                                  resource_id=resource_id, reason=REFUSED_OPT_OUT,
                                                  opt_reason="outageRunStatus", source="automatic", applied=True))
-            if resources:
                 self._refusal_marks = True
+                live.opted_out.add(resource_id)
+                live.offline.add(resource_id)  # opted out only until eDRV accepts again
+            if resources:
                 log.warning("event %s (%s): %d resource(s) reported to the VTN as opted out while eDRV refuses "
                             "the bridge: %s", ev.event_id, live.status, len(resources), ", ".join(resources))
         self.kick()
@@ -1091,7 +1116,6 @@ class Engine:
         """eDRV accepts the bridge again: the resources opted out meanwhile are limited again in the events
         still running, as after a station outage. Their opt-out stands at the VTN: for part of the event the
         bridge could not act, and the event log keeps when that ended."""
-        self._refusal_marks = False
         back = utcnow()
         offline = {self.fleet.stations[sid].resource_id for sid in self._offline if sid in self.fleet.stations}
         resumed = 0
@@ -1103,6 +1127,7 @@ class Engine:
                     live.offline.discard(row.resource_id)
                     live.opted_out.discard(row.resource_id)
                     resumed += 1
+        self._refusal_marks = False  # only once every row says so: a failed write leaves it for the next call
         if resumed:
             log.info("eDRV accepts the bridge again: %d resource(s) limited again in the events still running",
                      resumed)
@@ -1111,7 +1136,12 @@ class Engine:
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._spawned_done)
+
+    def _spawned_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s failed: %s", task.get_coro().__qualname__, str(task.exception()).splitlines()[0][:200])
 
     # --- opt-outs ----------------------------------------------------------------------------------------
     async def _noncompliant(self, session_id: str, station: Station, event_id: str | None, reason: str,

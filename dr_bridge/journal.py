@@ -27,6 +27,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
+from dr_bridge.health import Readiness, Reason
 from dr_bridge.store import ActionRow, ReadingRow, SessionState, Store, WebhookRow, utcnow
 
 log = logging.getLogger("dr_bridge.journal")
@@ -40,8 +41,10 @@ RETRY_S = (0.5, 8.0)  # the first and the longest wait between attempts while th
 
 
 class Journal:
-    def __init__(self, store: Store, max_batch: int = 500, first_batch: int = 32, lag_s: float = LAG_S):
+    def __init__(self, store: Store, max_batch: int = 500, first_batch: int = 32, lag_s: float = LAG_S,
+                 readiness: Readiness | None = None):
         self.store = store
+        self.readiness = readiness or Readiness()
         self.max_batch = max_batch
         self.first_batch = min(first_batch, max_batch)
         self.lag_s = lag_s
@@ -103,6 +106,8 @@ class Journal:
                     try:
                         result = await asyncio.to_thread(self.write_batch, writes)
                     except Exception as exc:
+                        if database_away(exc):
+                            self.away(exc)
                         if submitted and self._keep(future, exc):
                             kept.append(entry)
                         else:
@@ -122,6 +127,7 @@ class Journal:
                     wait = min(RETRY_S[1], 2 * wait)
                 continue
             wait = RETRY_S[0]
+            self.answers()
             i = 0
             for writes, future, _ in batch:
                 _settle(future, results[i:i + len(writes)])
@@ -130,9 +136,19 @@ class Journal:
                 for _, future, _ in batch:
                     self._give_up_at.pop(future, None)
 
+    def away(self, exc: Exception) -> None:
+        """The database refused or lost a write: not ready until it takes one again."""
+        self.readiness.raise_(Reason.DATABASE_UNREACHABLE, (
+            f"the event log's database does not answer ({str(exc).splitlines()[0][:200]}): limits and restores "
+            f"go on, and what was not written is kept for {KEEP_S:g} s and then logged; check the server "
+            f"bridge.database_url names"))
+
+    def answers(self) -> None:
+        self.readiness.clear(Reason.DATABASE_UNREACHABLE, "the event log's database answers again")
+
     def _keep(self, future: asyncio.Future, exc: Exception) -> bool:
         """Whether to try a failed submitted write again: while the database is away, for KEEP_S."""
-        if future.done() or not _database_away(exc):
+        if future.done() or not database_away(exc):
             return False
         now = asyncio.get_running_loop().time()
         return now < self._give_up_at.setdefault(future, now + KEEP_S)
@@ -319,7 +335,7 @@ def _settle(future: asyncio.Future, result: Any = None, exc: BaseException | Non
         future.set_result(result)
 
 
-def _database_away(exc: Exception) -> bool:
+def database_away(exc: Exception) -> bool:
     """A lost or refused connection, or a locked SQLite file: worth another try, unlike a bad write."""
     return isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError)) or \
         getattr(exc, "connection_invalidated", False)

@@ -296,6 +296,11 @@ class Store:
     def close(self) -> None:
         self.engine.dispose()
 
+    def ping(self) -> None:
+        """Raises unless the database answers a trivial query."""
+        with self.engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+
     def session(self) -> Session:
         return Session(self.engine, expire_on_commit=False)
 

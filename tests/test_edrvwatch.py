@@ -19,18 +19,20 @@ def watch(clock: Clock | None = None) -> tuple[EdrvWatch, Readiness]:
                      unreachable_after_s=60, clock=clock or Clock()), readiness
 
 
-def test_refusing_stands_until_every_refused_operation_is_accepted_again():
+def test_refusing_stands_until_eDRV_accepts_a_call_again():
     w, readiness = watch()
     assert w.observe("list_running_sessions", "ok") is None
     assert w.observe("set_power_limit", "auth_error") == "refusing"
     assert w.observe("list_running_sessions", "auth_error") is None  # still the same refusal: no second alarm
     detail = readiness.not_ready()[Reason.EDRV_REFUSING]
     assert "EDRV_API_KEY" in detail and "list_running_sessions, set_power_limit" in detail
-    assert w.observe("list_running_sessions", "ok") is None  # a listing accepted says nothing of the limits
-    assert w.refusing and "set_power_limit" in readiness.not_ready()[Reason.EDRV_REFUSING]
     assert w.observe("set_power_limit", "rate_limited") is None  # a 429 does not say the key is good
-    assert w.observe("set_power_limit", "rejected") == "accepting"  # a 400 does: the key was accepted
+    assert w.refusing and Reason.EDRV_REFUSING in readiness.not_ready()
+    # Any accepted call does, even of another kind: a limit refused once is not tried again while its
+    # resources are opted out, so waiting for that very call would keep the bridge refusing until a restart.
+    assert w.observe("get_chargestation", "rejected") == "accepting"  # a 400: the key was accepted
     assert not w.refusing and readiness.not_ready() == {}
+    assert w.observe("set_power_limit", "auth_error") == "refusing"  # and a new refusal is a new alarm
 
 
 def test_unreachable_only_after_failing_for_the_whole_window_and_cleared_by_any_answer():

@@ -11,9 +11,11 @@ import random
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
+import httpx
 import pytest
 
 from dr_bridge.daemon import Bridge
+from dr_bridge.health import Reason
 from dr_bridge.rig import Rig, StationSpec, wait_for
 from tests.test_restart import spawn, until  # noqa: F401  (spawn is a fixture)
 
@@ -254,7 +256,13 @@ async def test_database_briefly_unavailable_mid_event_loses_nothing(pg_rig, pg_u
         await wait_for(lambda: datetime.now(timezone.utc) > start + timedelta(seconds=4.5), 10)
         newcomer = rig.sim.start_session(rig.station_ids["R000"], send_webhook=False)
         await asyncio.sleep(1)
+        # The restores at the end could not be written: the bridge says so rather than looking healthy.
+        await wait_for(lambda: Reason.DATABASE_UNREACHABLE in bridge.readiness.not_ready(), 10)
+        async with httpx.AsyncClient(timeout=5) as http:
+            ready = await http.get(f"http://127.0.0.1:{rig.http_port}/readyz")
+        assert ready.status_code == 503 and "database unreachable" in [r["reason"] for r in ready.json()["not_ready"]]
         _cut_connections(PG_ADMIN_URL, name, allow=True)
+        await wait_for(lambda: Reason.DATABASE_UNREACHABLE not in bridge.readiness.not_ready(), 30)
         await everyone_restored(rig, 60)
         await bridge.engine.settle()
         check_applied_and_restored(rig, "database briefly unavailable")

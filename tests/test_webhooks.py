@@ -219,7 +219,7 @@ async def test_unanswered_limits_are_sent_once_more_then_taken_as_done_not_refus
     reported non-compliant, and readiness says the webhooks are silent until they come back."""
     from dr_bridge.health import Reason
 
-    await wait_for(lambda: bridge.engine.webhooks_seen, 10)
+    await wait_for(lambda: bridge.engine.last_webhook_at is not None, 10)
     s = soon(2)
     event_id = rig.vtn.add_event(bridge.ven.ven_id, intervals=[(s, timedelta(seconds=60), 2)])
     await wait_for(lambda: rig.vtn.responses, 10)
@@ -241,7 +241,7 @@ async def test_unanswered_limits_are_sent_once_more_then_taken_as_done_not_refus
 async def test_an_outcome_arriving_after_its_timeout_still_counts(rig, bridge):
     """The timeout marks a call failed and sends it again; the charger's answer, when it comes after all, is
     what the event log keeps for that call."""
-    await wait_for(lambda: bridge.engine.webhooks_seen, 10)
+    await wait_for(lambda: bridge.engine.last_webhook_at is not None, 10)
     rig.sim.faults.update(drop_webhook_rate=1.0)  # the charger's answers are held back
     event_id = rig.vtn.add_event(bridge.ven.ven_id, intervals=[(soon(2), timedelta(seconds=60), 2)])
 
