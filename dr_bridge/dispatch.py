@@ -86,6 +86,7 @@ class Dispatcher:
         self.limit_retries = limit_retries
         self.backoff_s = backoff_s
         self.backoff_max_s = backoff_max_s
+        self._capped_said_at = float("-inf")  # when a Retry-After longer than max_wait_s was last logged
         # Every wait before a limit or a restore is sent again is at most this (edrv.max_retry_after_s),
         # whatever eDRV's Retry-After or the backoff would make it.
         self.max_wait_s = max_wait_s
@@ -530,9 +531,14 @@ class Dispatcher:
             except EdrvRateLimited as exc:
                 delay = exc.retry_after if exc.retry_after is not None else self._backoff(attempts)
                 if delay > self.max_wait_s:
-                    log.warning("eDRV rate-limits session %s and asks for %.0f s; the %s is sent again in %g s "
-                                "(edrv.max_retry_after_s)", session_id, delay,
-                                "restore" if want.kind == "restore" else "limit", self.max_wait_s)
+                    # At most once a minute at WARNING: a 429 storm over thousands of sessions is one story.
+                    now = time.monotonic()
+                    loud = now - self._capped_said_at >= 60
+                    self._capped_said_at = now if loud else self._capped_said_at
+                    log.log(logging.WARNING if loud else logging.DEBUG,
+                            "eDRV rate-limits session %s and asks for %.0f s; the %s is sent again in %g s "
+                            "(edrv.max_retry_after_s)", session_id, delay,
+                            "restore" if want.kind == "restore" else "limit", self.max_wait_s)
                     delay = self.max_wait_s
                 await self._update(action_id, pending, attempts=attempts,
                                    detail=f"rate limited; retry in {delay:.1f}s")

@@ -34,7 +34,6 @@ class Readiness:
     def __init__(self) -> None:
         self._raised: dict[Reason, str] = {}
         self._probes: list[Probe] = []
-        self._listeners: list[Callable[[Reason, bool], None]] = []
 
     def raise_(self, reason: Reason, detail: str) -> bool:
         """Mark the bridge not ready for `reason`; True if it was ready for it until now."""
@@ -42,7 +41,6 @@ class Readiness:
         self._raised[reason] = detail
         if new:
             log.error("not ready (%s): %s", reason, detail)
-            self._notify(reason, True)
         return new
 
     def clear(self, reason: Reason, why: str = "") -> bool:
@@ -50,7 +48,6 @@ class Readiness:
         if self._raised.pop(reason, None) is None:
             return False
         log.info("ready again (%s cleared)%s", reason, f": {why}" if why else "")
-        self._notify(reason, False)
         return True
 
     def raised(self, reason: Reason) -> bool:
@@ -58,10 +55,6 @@ class Readiness:
 
     def add_probe(self, probe: Probe) -> None:
         self._probes.append(probe)
-
-    def subscribe(self, listener: Callable[[Reason, bool], None]) -> None:
-        """`listener(reason, raised)` on every change of a raised (not probed) reason."""
-        self._listeners.append(listener)
 
     def not_ready(self) -> dict[Reason, str]:
         """Every reason the bridge cannot act for now, with its detail; empty when ready."""
@@ -75,10 +68,3 @@ class Readiness:
             if found is not None:
                 reasons.setdefault(found[0], found[1])
         return reasons
-
-    def _notify(self, reason: Reason, raised: bool) -> None:
-        for listener in self._listeners:
-            try:
-                listener(reason, raised)
-            except Exception:
-                log.exception("readiness listener failed")
