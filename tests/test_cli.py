@@ -8,6 +8,7 @@ import subprocess
 import sys
 from datetime import timedelta
 
+import pytest
 from typer.testing import CliRunner
 
 from dr_bridge.cli import app
@@ -19,6 +20,7 @@ ACTION_KEYS = {"at", "session_id", "chargestation_id", "resource_id", "kind", "p
                "attempts", "detail"}
 
 
+@pytest.mark.slow  # a whole demo run (about 25 s): with the process-level suite
 def test_demo_runs_a_whole_event_and_restores_everything():
     out = subprocess.run([sys.executable, "-c", "from dr_bridge.cli import main; main()", "demo"],
                          capture_output=True, text=True, timeout=90)

@@ -10,6 +10,8 @@ import pytest
 from dr_bridge.rig import Rig, StationSpec
 from tests.test_restart import registered, soon, spawn, until  # noqa: F401  (spawn is a fixture)
 
+pytestmark = pytest.mark.faults  # 250 sessions behind capped pages: with the fault injection
+
 SESSIONS = 250
 
 

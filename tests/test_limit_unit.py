@@ -14,6 +14,8 @@ import pytest
 from dr_bridge.rig import Rig, StationSpec
 from tests.test_restart import calls, registered, soon, spawn, until  # noqa: F401  (spawn is a fixture)
 
+pytestmark = pytest.mark.faults  # eDRV refusing a unit: with the fault injection, off the default run
+
 LEVEL_W = 20000  # level 2: 20 kW for the whole station
 
 

@@ -365,6 +365,7 @@ async def test_the_vtn_receives_telemetry_per_resource_matching_the_simulator(ri
 
 
 # --- measured reduction ------------------------------------------------------------------------------------
+@pytest.mark.slow  # readings drawn for real minutes' worth of baseline (about 22 s): with the process-level suite
 @pytest.mark.parametrize("rig", [{"stations": [StationSpec("A"), StationSpec("U")], "webhooks": True,
                                   "report_interval_s": 0.25, "bridge": {"baseline_minutes": 0.1}}], indirect=True)
 async def test_measured_baseline_and_mean_match_the_simulators_drawn_power(rig, bridge, tmp_path):
