@@ -67,6 +67,7 @@ class LiveEvent:
     offline: set[str] = field(default_factory=set)  # opted out only while their station is offline
     baselines_w: dict[frozenset[str], float] = field(default_factory=dict)  # pre-event power per station set
     restore_order: list[str] | None = None  # sessions in the order the staggered restore lifts them
+    released: bool = False  # the operator released it during its staggered restore: the rest restore at once
 
     @property
     def acting(self) -> bool:
@@ -679,7 +680,7 @@ class Engine:
         """When a session is restored after its event ended, in the staggered restore. None: at once (no
         spread, a cancellation, an opt-out: those restore immediately)."""
         live = self.events.get(event_id) if event_id else None
-        if live is None or live.status != COMPLETED:
+        if live is None or live.status != COMPLETED or live.released:
             return None
         spread = self._restore_spread(live.event)
         if spread <= timedelta(0):
@@ -1165,6 +1166,10 @@ class Engine:
                 if row.resource_id:
                     live.opted_out.add(row.resource_id)
                     live.offline.discard(row.resource_id)
+                elif live.status == COMPLETED:
+                    # Over at the VTN, so nothing to tell it: what is left of its staggered restore goes now,
+                    # and nothing re-sends a limit to a session waiting for its turn (release-all).
+                    live.released = True
                 else:
                     live.opted_out |= {self.fleet.stations[s].resource_id for s in live.station_ids}
                     live.offline.clear()

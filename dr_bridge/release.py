@@ -17,13 +17,13 @@ from rich.console import Console
 from rich.table import Table
 
 from dr_bridge.config import Config
-from dr_bridge.domain import ACTIVE, PENDING
+from dr_bridge.domain import ACTIVE, COMPLETED, PENDING
 from dr_bridge.edrv.client import EdrvClient
 from dr_bridge.engine import OPT_IN, Engine
 from dr_bridge.eventlog import iso
 from dr_bridge.instance import InstanceLock
 from dr_bridge.optout import opt_out_of_event
-from dr_bridge.store import SessionState, SharedLimit, Store, is_outage
+from dr_bridge.store import OptOutRow, SessionState, SharedLimit, Store, is_outage
 
 REASON = "emergency release-all by the operator"
 HANDOVER_S = 20.0  # how long a running daemon gets to take up the opt-outs, and then to restore
@@ -46,8 +46,10 @@ async def _release_all(cfg: Config, store: Store, api_key: str, console: Console
     running = await asyncio.to_thread(daemon_runs, cfg)
     events = opt_out_of_live_events(cfg, store)
     for event_id in events:
+        over = (row := store.get_event(event_id)) is not None and row.status == COMPLETED
         console.print(f"opted out of event {event_id} ({REASON}): "
-                      + ("the running bridge tells the VTN" if running else
+                      + ("it is over, so the VTN is not told; the rest of its staggered restore goes now" if over
+                         else "the running bridge tells the VTN" if running else
                          "the VTN is told when the bridge next runs; it limits nothing more in this event"),
                       markup=False, highlight=False)
     if running and events:
@@ -88,15 +90,24 @@ def daemon_runs(cfg: Config) -> bool:
 
 
 def opt_out_of_live_events(cfg: Config, store: Store) -> list[str]:
-    """Record the operator's opt-out of every pending or active event the bridge opted in to for real;
-    returns those newly opted out."""
+    """Record the operator's opt-out of every pending or active event the bridge opted in to for real, and
+    of every completed one whose staggered restore still holds a session limited (recorded for the daemon
+    and the event log; the VTN is not told of an event that is over). Returns those newly opted out."""
+    spreading = {s.event_id for s in store.session_states(limited_only=True) if s.event_id}
+    rows = store.events(statuses=[PENDING, ACTIVE])
+    rows += [r for r in map(store.get_event, sorted(spreading)) if r is not None and r.status == COMPLETED]
     done = []
-    for row in store.events(statuses=[PENDING, ACTIVE]):
+    for row in rows:
         if row.opt != OPT_IN or row.dry_run:
             continue  # nothing is limited for it
         if any(o.resource_id is None and not is_outage(o) for o in store.opt_outs(row.event_id)):
             continue  # already opted out as a whole
-        opt_out_of_event(cfg, store, row.event_id, [], REASON)
+        if row.status == COMPLETED:
+            store.add_opt_out(OptOutRow(event_id=row.event_id, modification_number=row.modification_number,
+                                        reason=f"{REASON}, during its staggered restore", source="operator",
+                                        opt_reason="overrideStatus"))
+        else:
+            opt_out_of_event(cfg, store, row.event_id, [], REASON)
         done.append(row.event_id)
     return done
 

@@ -99,3 +99,30 @@ async def test_release_all_while_the_daemon_is_down_holds_through_its_next_start
     await asyncio.sleep(3)  # a pass or two after the start
     assert limits_since(rig, mark) == [], "the restart limited the released sessions again"
     assert rig.sim.session_limit(rig.sessions["A"][0]) is None and rig.sim.session_limit(rig.sessions["S"][0]) == 32
+
+
+async def test_release_all_during_a_staggered_restore_lifts_the_rest_at_once_for_good(rig, spawn, tmp_path):
+    # After the event's end, sessions wait their turn in the staggered restore, still limited. release-all
+    # restored them, but the daemon went on planning them as limited: the next time it sent afresh (a
+    # station back online) the old limit went out again, until the session's turn.
+    d = rig.config_dict()
+    d["bridge"]["restore_spread_s"] = 60  # A and S restored 30 s apart
+    config = rig.write_config(tmp_path / "dr-bridge.toml", d)
+    bridge = await spawn("run", "--config", str(config))
+    ven_id = await registered(rig, 1, bridge)
+    event_id = rig.vtn.add_event(ven_id, intervals=[(soon(2), timedelta(seconds=4), 2)], targets=TARGETS)
+    await limited(rig, bridge)
+    await until(lambda: len(rig.sim.limit_calls()) >= 3, 20, bridge, "the first restore of the spread")
+    assert len(rig.sim.limit_calls()) == 3, "the second session must still wait for its turn"
+    mark = len(rig.sim.limit_calls())
+
+    release = await spawn("release-all", "--config", str(config))
+    assert await release.wait(60) == 0, release.stderr()
+    await until(lambda: rig.sim.session_limit(rig.sessions["A"][0]) is None
+                and rig.sim.session_limit(rig.sessions["S"][0]) == 32, 10, bridge, "the EVs to be unlimited")
+    for station_id in rig.station_ids.values():  # the daemon sends afresh what it wants of their sessions
+        rig.sim.set_online(station_id, True)
+    await asyncio.sleep(4)
+    assert limits_since(rig, mark) == [], "a session was limited again after release-all"
+    assert rig.sim.session_limit(rig.sessions["A"][0]) is None and rig.sim.session_limit(rig.sessions["S"][0]) == 32
+    assert "optOut" not in answers(rig, event_id), "an event that is over is not opted out of at the VTN"
