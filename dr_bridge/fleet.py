@@ -116,7 +116,9 @@ class Fleet:
         try:
             cs = await self.client.get_chargestation(station.id)
         except EdrvError as exc:
-            log.warning("could not read chargestation %s (%s); treating its kind as unknown", station.id, exc)
+            # A refusal is said once by readiness, with what to do; this would come for every station each pass.
+            log.log(logging.DEBUG if isinstance(exc, EdrvAuthError) else logging.WARNING,
+                    "could not read chargestation %s (%s); treating its kind as unknown", station.id, exc)
             return station
         if cs.is_simulator is None:
             if station.id in self._unsaid:
