@@ -11,24 +11,9 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from dr_bridge.engine import PREFETCH_S
-from dr_bridge.rig import Rig, StationSpec, wait_for
+from dr_bridge.rig import StationSpec, wait_for
 from tests.test_capacity import cap_event, sent
-from tests.test_core import soon
-
-
-@pytest.fixture
-async def rig(tmp_path, request):
-    r = Rig(tmp_path, request.param)
-    await r.start()  # no webhooks: the bridge can only learn of a session from its listings
-    yield r
-    await r.stop()
-
-
-@pytest.fixture
-async def bridge(rig):
-    b = await rig.started_bridge()
-    yield b
-    await b.stop()
+from tests.test_core import bridge, rig, soon  # noqa: F401  (fixtures; the rig sends no webhooks)
 
 
 def before(boundary: datetime, seconds: float) -> float:
@@ -36,7 +21,7 @@ def before(boundary: datetime, seconds: float) -> float:
     return (boundary - timedelta(seconds=seconds) - datetime.now(timezone.utc)).total_seconds()
 
 
-@pytest.mark.parametrize("rig", [[StationSpec("A")]], indirect=True)
+@pytest.mark.parametrize("rig", [{"stations": [StationSpec("A")]}], indirect=True)
 async def test_a_session_started_silently_is_limited_once_a_listing_sees_it(rig, bridge):
     start = soon(3)
     boundary = start + timedelta(seconds=PREFETCH_S + 4)  # the second interval's start, listed for ahead
@@ -53,7 +38,7 @@ async def test_a_session_started_silently_is_limited_once_a_listing_sees_it(rig,
     assert [limit for sid, limit in calls if sid == second] == [8], calls
 
 
-@pytest.mark.parametrize("rig", [[StationSpec("A"), StationSpec("B")]], indirect=True)
+@pytest.mark.parametrize("rig", [{"stations": [StationSpec("A"), StationSpec("B")]}], indirect=True)
 async def test_a_session_that_left_silently_frees_its_share_of_a_cap_once_a_listing_misses_it(rig, bridge):
     start = soon(3)
     boundary = start + timedelta(seconds=PREFETCH_S + 4)

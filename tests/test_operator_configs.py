@@ -6,18 +6,8 @@ from datetime import timedelta
 
 import pytest
 
-from dr_bridge.rig import API_KEY, Rig, StationSpec
-from tests.test_restart import CLEAR, LIFT, LIMIT, TARGETS, calls, registered, soon, spawn, until  # noqa: F401
-
-
-@pytest.fixture
-async def rig(tmp_path):
-    r = Rig(tmp_path, [StationSpec("A"), StationSpec("S", simulator=True)])
-    await r.start()
-    try:
-        yield r
-    finally:
-        await r.stop()
+from dr_bridge.rig import API_KEY, Rig
+from tests.test_restart import CLEAR, LIFT, LIMIT, TARGETS, calls, registered, rig, soon, spawn, until  # noqa: F401
 
 
 def operators_config(rig: Rig, path, *, extra_http: str = "") -> str:
