@@ -37,16 +37,22 @@ class Readyz:
         return self()[0] == 200
 
 
+async def _registered_and_ready(rig, config, spawn):  # noqa: F811
+    """`dr-bridge run`, registered, and /readyz 200: (the process, its VEN id, a /readyz poller)."""
+    bridge = await spawn("run", "--config", str(config))
+    ven_id = await registered(rig, 1, bridge)
+    readyz = Readyz(rig.http_port)
+    await until(readyz.ready, 20, bridge, "/readyz 200 once registered")
+    return bridge, ven_id, readyz
+
+
 async def _acts_on_a_later_event(rig, bridge, ven_id: str) -> None:  # noqa: F811
     rig.vtn.add_event(ven_id, intervals=[(soon(3), timedelta(seconds=4), 2)], targets=[{"resource_id": "A"}])
     await until(lambda: calls(rig, "A") == [LIMIT], 40, bridge, "the later event acted on")
 
 
 async def test_a_cancelled_registration_is_taken_up_again_with_backoff(rig, config, spawn):  # noqa: F811
-    bridge = await spawn("run", "--config", str(config))
-    ven_id = await registered(rig, 1, bridge)
-    readyz = Readyz(rig.http_port)
-    await until(readyz.ready, 20, bridge, "/readyz 200 once registered")
+    bridge, ven_id, readyz = await _registered_and_ready(rig, config, spawn)
 
     rig.vtn.refuse_registrations(2)  # so the bridge has to back off, and /readyz has time to say so
     rig.vtn.cancel_registration(ven_id)
@@ -66,10 +72,7 @@ async def test_a_cancelled_registration_is_taken_up_again_with_backoff(rig, conf
 
 
 async def test_a_refused_reregistration_is_not_taken_for_a_registration(rig, config, spawn):  # noqa: F811
-    bridge = await spawn("run", "--config", str(config))
-    ven_id = await registered(rig, 1, bridge)
-    readyz = Readyz(rig.http_port)
-    await until(readyz.ready, 20, bridge, "/readyz 200 once registered")
+    bridge, ven_id, readyz = await _registered_and_ready(rig, config, spawn)
 
     # The VTN lost its registrations, and answers the re-registration it asks for with an error: openleadr
     # kept the old registration id, so the bridge looked registered while the VTN sent it no event.
@@ -83,10 +86,7 @@ async def test_a_refused_reregistration_is_not_taken_for_a_registration(rig, con
 
 
 async def test_a_vtn_that_stops_answering_is_reported_silent_until_it_answers_again(rig, config, spawn):  # noqa: F811
-    bridge = await spawn("run", "--config", str(config))
-    ven_id = await registered(rig, 1, bridge)
-    readyz = Readyz(rig.http_port)
-    await until(readyz.ready, 20, bridge, "/readyz 200 once registered")
+    bridge, ven_id, readyz = await _registered_and_ready(rig, config, spawn)
 
     # Registered still, but no event can arrive: /readyz said 200 for as long as the VTN was away.
     await rig.vtn.stop()
